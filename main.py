@@ -1,0 +1,212 @@
+"""HTTP layer: routes, authentication, validation and errors.
+
+Each route reads the request, validates it, asks the embedding service for
+vectors and shapes the response. Every error is JSON `{"error": "..."}`.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from typing import Any
+
+from flask import Blueprint, Flask, current_app, jsonify, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from config import Settings, load_settings
+from service import EmbeddingService, ModelNotReadyError
+
+logger = logging.getLogger(__name__)
+
+health = Blueprint("health", __name__)
+api = Blueprint("api", __name__)
+
+# Seconds a client should wait before retrying while the model loads.
+LOADING_RETRY_AFTER = 5
+
+
+class ApiError(Exception):
+    """An error answered to the client as JSON with its HTTP status."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+def settings() -> Settings:
+    return current_app.config["SETTINGS"]
+
+
+def embedding_service() -> EmbeddingService:
+    return current_app.extensions["embedding_service"]
+
+
+# --- authentication -------------------------------------------------------
+
+def key_is_valid(presented: str | None, accepted: tuple[str, ...]) -> bool:
+    """Constant-time comparison against every accepted key (all are checked, whatever matches)."""
+    if not presented:
+        return False
+    presented_bytes = presented.encode("utf-8")
+    matches = [hmac.compare_digest(presented_bytes, key.encode("utf-8")) for key in accepted]
+    return any(matches)
+
+
+@api.before_request
+def require_api_key() -> None:
+    if not key_is_valid(request.headers.get("X-API-Key"), settings().api_keys):
+        raise ApiError(401, "Missing or invalid API key: send it in the X-API-Key header")
+
+
+# --- validation -----------------------------------------------------------
+
+def read_json_object() -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 that says what is wrong with it."""
+    body = request.get_data(cache=False)
+    if not body:
+        raise ApiError(400, "Request body is empty: send a JSON object")
+    try:
+        parsed = json.loads(body)
+    except UnicodeDecodeError:
+        raise ApiError(400, "Request body is not valid UTF-8 text") from None
+    except ValueError as error:
+        raise ApiError(400, f"Request body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise ApiError(400, "Request body is nested too deeply to be read as JSON") from None
+    if not isinstance(parsed, dict):
+        raise ApiError(400, f"Request body must be a JSON object, got {json_type(parsed)}")
+    return parsed
+
+
+def json_type(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+             int: "a number", float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def require_field(body: dict[str, Any], field: str) -> Any:
+    if field not in body:
+        raise ApiError(400, f"Missing field {field!r} in the JSON body")
+    return body[field]
+
+
+def validate_text(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise ApiError(400, f"{where} must be a string, got {json_type(value)}")
+    if not value.strip():
+        raise ApiError(400, f"{where} is empty: send some text to embed")
+    limit = settings().max_text_length
+    if len(value) > limit:
+        raise ApiError(413, f"{where} has {len(value)} characters; the limit is {limit} (MAX_TEXT_LENGTH)")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, f"{where} holds an unpaired surrogate (\\ud800-\\udfff), which is not text") from None
+    return value
+
+
+def validate_text_list(value: Any, where: str) -> list[str]:
+    if not isinstance(value, list):
+        raise ApiError(400, f"{where} must be an array of strings, got {json_type(value)}")
+    if not value:
+        raise ApiError(400, f"{where} is empty: send at least one text")
+    limit = settings().max_texts_per_batch
+    if len(value) > limit:
+        raise ApiError(400, f"{where} has {len(value)} texts; the limit is {limit} (MAX_TEXTS_PER_BATCH)")
+    return [validate_text(item, f"{where}[{index}]") for index, item in enumerate(value)]
+
+
+# --- routes ---------------------------------------------------------------
+
+@health.get("/health")
+def liveness():
+    return jsonify(status="ok")
+
+
+@health.get("/health/ready")
+def readiness():
+    ready, body = embedding_service().readiness()
+    return jsonify(body), 200 if ready else 503
+
+
+@api.post("/embeddings")
+def embed_text():
+    text = validate_text(require_field(read_json_object(), "text"), "text")
+    vectors = embedding_service().embed_texts([text])
+    return jsonify(embeddings=[vectors[0].tolist()])
+
+
+@api.post("/embeddings/batch")
+def embed_text_batch():
+    texts = validate_text_list(require_field(read_json_object(), "texts"), "texts")
+    vectors = embedding_service().embed_texts(texts)
+    return jsonify(embeddings=[[vector.tolist()] for vector in vectors])
+
+
+# --- errors ---------------------------------------------------------------
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None):
+    response = jsonify(error=message)
+    response.status_code = status
+    response.headers.update(headers or {})
+    return response
+
+
+def handle_api_error(error: ApiError):
+    return error_response(error.status, error.message, error.headers)
+
+
+def handle_not_ready(error: ModelNotReadyError):
+    state = str(error)
+    if state == "loading":
+        return error_response(503, "The model is still loading; retry when GET /health/ready answers 200",
+                              {"Retry-After": str(LOADING_RETRY_AFTER)})
+    return error_response(503, f"The model failed to load, so no embeddings can be made: {state}")
+
+
+def handle_too_large(error: RequestEntityTooLarge):
+    limit = settings().max_request_size
+    return error_response(413, f"Request body is larger than the limit of {limit} bytes (MAX_REQUEST_SIZE)")
+
+
+def handle_http_error(error: HTTPException):
+    messages = {
+        404: f"No route {request.path}: see the README for the routes this service has",
+        405: f"Method {request.method} is not allowed on {request.path}",
+    }
+    headers = {"Allow": ", ".join(error.valid_methods)} if getattr(error, "valid_methods", None) else {}
+    return error_response(error.code or 500, messages.get(error.code, error.description), headers)
+
+
+def handle_unexpected_error(error: Exception):
+    logger.exception("Unexpected error on %s %s", request.method, request.path)
+    return error_response(500, "Internal error while handling the request; it has been logged")
+
+
+# --- application ----------------------------------------------------------
+
+def create_app(app_settings: Settings | None = None, service: EmbeddingService | None = None) -> Flask:
+    """Build the app; the model starts loading in the background unless a service is passed in."""
+    app_settings = app_settings or load_settings()
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if app_settings.uses_default_api_key:
+        logger.warning("VECTOR_EMBEDDER_API_KEY is not set: the service accepts the documented default "
+                       "key 'abc123'. Set your own key before exposing the service.")
+    app = Flask(__name__)
+    app.config["SETTINGS"] = app_settings
+    app.config["MAX_CONTENT_LENGTH"] = app_settings.max_request_size
+    if service is None:
+        service = EmbeddingService(app_settings)
+        service.start_loading()
+    app.extensions["embedding_service"] = service
+    app.register_blueprint(health)
+    app.register_blueprint(api)
+    app.register_error_handler(ApiError, handle_api_error)
+    app.register_error_handler(ModelNotReadyError, handle_not_ready)
+    app.register_error_handler(RequestEntityTooLarge, handle_too_large)
+    app.register_error_handler(HTTPException, handle_http_error)
+    app.register_error_handler(Exception, handle_unexpected_error)
+    return app

