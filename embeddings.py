@@ -57,9 +57,17 @@ class TextEmbedder:
         token_ids = self.tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
         return [TokenizedText(chunk_token_ids(ids, self.window_size)) for ids in token_ids]
 
-    def tokens_per_chunk(self, chunk: Sequence[int]) -> int:
-        """Tokens the model processes for one window, special tokens included."""
-        return len(chunk) + len(self.prefix_ids) + len(self.suffix_ids)
+    def tokenized_from_ids(self, token_id_lists: Sequence[Sequence[int]]) -> list[TokenizedText]:
+        """Texts given as the model's own token ids, split into windows like tokenized text."""
+        return [TokenizedText(chunk_token_ids(list(ids), self.window_size)) for ids in token_id_lists]
+
+    @property
+    def vocabulary_size(self) -> int:
+        return len(self.tokenizer)
+
+    def tokens_processed(self, text: TokenizedText) -> int:
+        """Tokens the model processes for a text, special tokens of every window included."""
+        return text.token_count + len(text.chunks) * (len(self.prefix_ids) + len(self.suffix_ids))
 
     def encode_chunks(self, chunks: Sequence[Sequence[int]]) -> np.ndarray:
         """One vector per window, in input order, in forward passes of at most max_batch_size windows.

@@ -134,15 +134,15 @@ def readiness():
 @api.post("/embeddings")
 def embed_text():
     text = validate_text(require_field(read_json_object(), "text"), "text")
-    vectors = embedding_service().embed_texts([text])
-    return jsonify(embeddings=[vectors[0].tolist()])
+    result = embedding_service().embed_texts([text])
+    return jsonify(embeddings=[result.vectors[0].tolist()])
 
 
 @api.post("/embeddings/batch")
 def embed_text_batch():
     texts = validate_text_list(require_field(read_json_object(), "texts"), "texts")
-    vectors = embedding_service().embed_texts(texts)
-    return jsonify(embeddings=[[vector.tolist()] for vector in vectors])
+    result = embedding_service().embed_texts(texts)
+    return jsonify(embeddings=[[vector.tolist()] for vector in result.vectors])
 
 
 # --- errors ---------------------------------------------------------------

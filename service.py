@@ -8,14 +8,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
+
+import numpy as np
 
 from config import Settings
 
 if TYPE_CHECKING:
-    import numpy as np
-
-    from embeddings import TextEmbedder
+    from embeddings import TextEmbedder, TokenizedText
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +25,12 @@ WARM_UP_TEXT = "warm-up"
 
 class ModelNotReadyError(RuntimeError):
     """The model is still loading, or failed to load."""
+
+
+@dataclass(frozen=True)
+class EmbeddingResult:
+    vectors: list[np.ndarray]  # one per input, in input order
+    token_count: int  # tokens the model processed, special tokens included
 
 
 class EmbeddingService:
@@ -36,6 +43,8 @@ class EmbeddingService:
         self._text: TextEmbedder | None = None
         self._loader: threading.Thread | None = None
         self.load_seconds: float | None = None
+        # One forward pass at a time: concurrent passes only fight over the same cores.
+        self._model_lock = threading.Lock()
 
     def start_loading(self) -> None:
         """Load the model in a background thread so the health route answers meanwhile."""
@@ -76,9 +85,23 @@ class EmbeddingService:
             raise ModelNotReadyError(self._error or "loading")
         return self._text
 
-    def embed_texts(self, texts: Sequence[str]) -> list[np.ndarray]:
+    def embed_texts(self, texts: Sequence[str]) -> EmbeddingResult:
         """One vector per text, in input order."""
-        return self._ready_text_embedder().embed(texts)
+        text_embedder = self._ready_text_embedder()
+        return self._embed_tokenized(text_embedder, text_embedder.tokenize(texts))
+
+    def embed_token_ids(self, token_id_lists: Sequence[Sequence[int]]) -> EmbeddingResult:
+        """One vector per list of the model's own token ids (chunked like text)."""
+        text_embedder = self._ready_text_embedder()
+        return self._embed_tokenized(text_embedder, text_embedder.tokenized_from_ids(token_id_lists))
+
+    def vocabulary_size(self) -> int:
+        return self._ready_text_embedder().vocabulary_size
+
+    def _embed_tokenized(self, text_embedder: TextEmbedder, texts: Sequence[TokenizedText]) -> EmbeddingResult:
+        with self._model_lock:
+            vectors = text_embedder.embed_tokenized(texts)
+        return EmbeddingResult(vectors, sum(text_embedder.tokens_processed(text) for text in texts))
 
 
 def _load_embedder(settings: Settings) -> TextEmbedder:

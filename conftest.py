@@ -1,0 +1,78 @@
+"""Shared test fixtures: the real bundled model and real HTTP servers on loopback."""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, replace
+
+import pytest
+from werkzeug.serving import make_server
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from config import Settings  # noqa: E402
+from main import create_app  # noqa: E402
+from service import EmbeddingService  # noqa: E402
+
+TEST_API_KEY = "test-key"
+MODEL_LOAD_TIMEOUT = 120
+
+
+@dataclass
+class LiveServer:
+    """A real threaded HTTP server on 127.0.0.1 serving one app."""
+    url: str
+    _server: object
+    _thread: threading.Thread
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._thread.join(10)
+
+
+def start_live_server(app) -> LiveServer:
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    return LiveServer(f"http://127.0.0.1:{server.server_port}", server, thread)
+
+
+@pytest.fixture(scope="session")
+def test_settings() -> Settings:
+    return Settings(api_keys=(TEST_API_KEY,))
+
+
+@pytest.fixture(scope="session")
+def loaded_service(test_settings) -> EmbeddingService:
+    service = EmbeddingService(test_settings)
+    service.start_loading()
+    assert service.wait_until_loaded(MODEL_LOAD_TIMEOUT), service.readiness()
+    return service
+
+
+@pytest.fixture(scope="session")
+def text_embedder(loaded_service):
+    return loaded_service._ready_text_embedder()
+
+
+@pytest.fixture(scope="session")
+def server(test_settings, loaded_service):
+    live = start_live_server(create_app(test_settings, loaded_service))
+    yield live
+    live.stop()
+
+
+@pytest.fixture
+def server_with(test_settings, loaded_service):
+    """Start a server on the loaded model with some settings changed."""
+    started = []
+
+    def start(**changes) -> LiveServer:
+        live = start_live_server(create_app(replace(test_settings, **changes), loaded_service))
+        started.append(live)
+        return live
+
+    yield start
+    for live in started:
+        live.stop()
