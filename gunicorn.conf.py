@@ -26,3 +26,6 @@ threads = 8
 timeout = 120
 graceful_timeout = 30
 accesslog = "-"
+# The control socket (gunicorn 27) is not used here, and several instances on one
+# machine (tests, benchmark servers) would contend for its single default path.
+control_socket_disable = True

@@ -68,7 +68,8 @@ def read_json_object() -> dict[str, Any]:
     if not body:
         raise ApiError(400, "Request body is empty: send a JSON object")
     try:
-        parsed = json.loads(body)
+        # RFC 8259: JSON between systems is UTF-8; other encodings are refused, not guessed.
+        parsed = json.loads(body.decode("utf-8"))
     except UnicodeDecodeError:
         raise ApiError(400, "Request body is not valid UTF-8 text") from None
     except ValueError as error:
