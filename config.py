@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 logger = logging.getLogger(__name__)
@@ -37,13 +37,23 @@ class Settings:
     tokenizer_model: str | None = None
     models_dir: str = "/models"
     allow_model_download: bool = False
+    # Serving: gunicorn processes, request threads per process, torch threads per forward pass.
+    workers: int = 1
+    threads: int = 64
+    torch_num_threads: int = field(default_factory=lambda: available_cpus())
+    # Dynamic batching: tokens gathered per batch (and padded tokens per forward pass),
+    # milliseconds to wait for company under concurrent traffic (0 turns batching off),
+    # and requests waiting at most before new ones get 429.
+    batch_max_tokens: int = 4096
+    batch_wait_ms: int = 5
+    queue_max: int = 32
 
     @property
     def uses_default_api_key(self) -> bool:
         return DEFAULT_API_KEY in self.api_keys
 
 
-def _positive_int(environ: Mapping[str, str], name: str, default: int) -> int:
+def _whole_number(environ: Mapping[str, str], name: str, default: int, minimum: int) -> int:
     raw = environ.get(name, "").strip()
     if not raw:
         return default
@@ -51,9 +61,26 @@ def _positive_int(environ: Mapping[str, str], name: str, default: int) -> int:
         value = int(raw)
     except ValueError:
         raise SettingsError(f"{name} must be a whole number, got {raw!r}") from None
-    if value <= 0:
-        raise SettingsError(f"{name} must be greater than zero, got {value}")
+    if value < minimum:
+        bound = "greater than zero" if minimum == 1 else f"at least {minimum}"
+        raise SettingsError(f"{name} must be {bound}, got {value}")
     return value
+
+
+def _positive_int(environ: Mapping[str, str], name: str, default: int) -> int:
+    return _whole_number(environ, name, default, minimum=1)
+
+
+def available_cpus() -> int:
+    """CPUs this process may use, honouring a cgroup CPU quota (containers, Cloud Run)."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return cpus
 
 
 def _flag(environ: Mapping[str, str], name: str) -> bool:
@@ -96,4 +123,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         tokenizer_model=environ.get("TOKENIZER_MODEL", "").strip() or None,
         models_dir=environ.get("MODELS_DIR", "").strip() or defaults.models_dir,
         allow_model_download=_flag(environ, "ALLOW_MODEL_DOWNLOAD"),
+        workers=_positive_int(environ, "WORKERS", defaults.workers),
+        threads=_positive_int(environ, "THREADS", defaults.threads),
+        torch_num_threads=_positive_int(environ, "TORCH_NUM_THREADS", defaults.torch_num_threads),
+        batch_max_tokens=_positive_int(environ, "BATCH_MAX_TOKENS", defaults.batch_max_tokens),
+        batch_wait_ms=_whole_number(environ, "BATCH_WAIT_MS", defaults.batch_wait_ms, minimum=0),
+        queue_max=_positive_int(environ, "QUEUE_MAX", defaults.queue_max),
     )

@@ -48,7 +48,9 @@ def loaded_service(test_settings) -> EmbeddingService:
     service = EmbeddingService(test_settings)
     service.start_loading()
     assert service.wait_until_loaded(MODEL_LOAD_TIMEOUT), service.readiness()
-    return service
+    yield service
+    # Drain the model thread: torch aborts the interpreter if it exits mid forward pass.
+    service.stop()
 
 
 @pytest.fixture(scope="session")

@@ -40,10 +40,12 @@ class TokenizedText:
 class TextEmbedder:
     """Turns texts into vectors with a sentence-transformers model."""
 
-    def __init__(self, model: SentenceTransformer, tokenizer: Any, max_batch_size: int) -> None:
+    def __init__(self, model: SentenceTransformer, tokenizer: Any, max_batch_size: int,
+                 max_batch_tokens: int) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
         self.max_seq_length = min(model.max_seq_length or LONGEST_WINDOW, LONGEST_WINDOW)
         self.prefix_ids, self.suffix_ids = special_token_frame(tokenizer)
         self.window_size = self.max_seq_length - len(self.prefix_ids) - len(self.suffix_ids)
@@ -67,19 +69,23 @@ class TextEmbedder:
 
     def tokens_processed(self, text: TokenizedText) -> int:
         """Tokens the model processes for a text, special tokens of every window included."""
-        return text.token_count + len(text.chunks) * (len(self.prefix_ids) + len(self.suffix_ids))
+        return sum(self.tokens_per_chunk(chunk) for chunk in text.chunks)
 
     def encode_chunks(self, chunks: Sequence[Sequence[int]]) -> np.ndarray:
-        """One vector per window, in input order, in forward passes of at most max_batch_size windows.
+        """One vector per window, in input order.
 
-        Windows are sorted by length first so each pass pads as little as possible.
+        Windows are grouped by length into forward passes of at most max_batch_size
+        windows and max_batch_tokens padded tokens, so each pass pads as little as possible.
         """
         vectors = np.empty((len(chunks), self.dimension), dtype=np.float32)
-        by_length = sorted(range(len(chunks)), key=lambda index: len(chunks[index]))
-        for start in range(0, len(by_length), self.max_batch_size):
-            group = by_length[start:start + self.max_batch_size]
+        lengths = [self.tokens_per_chunk(chunk) for chunk in chunks]
+        for group in plan_forward_passes(lengths, self.max_batch_tokens, self.max_batch_size):
             vectors[group] = self._forward([chunks[index] for index in group])
         return vectors
+
+    def tokens_per_chunk(self, chunk: Sequence[int]) -> int:
+        """Tokens the model reads for one window, special tokens included."""
+        return len(chunk) + len(self.prefix_ids) + len(self.suffix_ids)
 
     def _forward(self, chunks: Sequence[Sequence[int]]) -> np.ndarray:
         sequences = [self.prefix_ids + list(chunk) + self.suffix_ids for chunk in chunks]
@@ -108,8 +114,10 @@ class TextEmbedder:
 
     def embed_tokenized(self, texts: Sequence[TokenizedText]) -> list[np.ndarray]:
         """Encode the windows of all texts together, then give each text its own vector."""
-        all_chunks = [chunk for text in texts for chunk in text.chunks]
-        chunk_vectors = self.encode_chunks(all_chunks)
+        return self.combine_all(texts, self.encode_chunks(all_chunks(texts)))
+
+    def combine_all(self, texts: Sequence[TokenizedText], chunk_vectors: np.ndarray) -> list[np.ndarray]:
+        """Split the vectors of all_chunks(texts) back per text and combine each text's windows."""
         vectors, start = [], 0
         for text in texts:
             end = start + len(text.chunks)
@@ -120,6 +128,31 @@ class TextEmbedder:
     def embed(self, texts: Sequence[str]) -> list[np.ndarray]:
         """One vector per text, in input order."""
         return self.embed_tokenized(self.tokenize(texts))
+
+
+def all_chunks(texts: Sequence[TokenizedText]) -> list[list[int]]:
+    """Every window of every text, text after text."""
+    return [chunk for text in texts for chunk in text.chunks]
+
+
+def plan_forward_passes(lengths: Sequence[int], max_tokens: int, max_windows: int) -> list[list[int]]:
+    """Group window indices by length so each pass pads little and stays within the limits.
+
+    A pass holds at most max_windows windows and at most max_tokens padded tokens
+    (windows x longest window); a window longer than the budget gets a pass of its own.
+    """
+    passes: list[list[int]] = []
+    current: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        # Sorted ascending, so the newest window is the longest of the pass.
+        padded = (len(current) + 1) * lengths[index]
+        if current and (len(current) == max_windows or padded > max_tokens):
+            passes.append(current)
+            current = []
+        current.append(index)
+    if current:
+        passes.append(current)
+    return passes
 
 
 def chunk_token_ids(token_ids: Sequence[int], window_size: int) -> list[list[int]]:
@@ -168,4 +201,4 @@ def load_tokenizer(settings: Settings, model: SentenceTransformer) -> Any:
 
 
 def load_text_embedder(settings: Settings, model: SentenceTransformer) -> TextEmbedder:
-    return TextEmbedder(model, load_tokenizer(settings, model), settings.max_batch_size)
+    return TextEmbedder(model, load_tokenizer(settings, model), settings.max_batch_size, settings.batch_max_tokens)

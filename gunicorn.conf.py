@@ -20,8 +20,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 bind = f"0.0.0.0:{_settings.port}"
 worker_class = "gthread"
-workers = 1
-threads = 8
+workers = _settings.workers
+threads = _settings.threads
 # gthread workers heartbeat from their main thread, so a long request does not trip this.
 timeout = 120
 graceful_timeout = 30
@@ -29,3 +29,11 @@ accesslog = "-"
 # The control socket (gunicorn 27) is not used here, and several instances on one
 # machine (tests, benchmark servers) would contend for its single default path.
 control_socket_disable = True
+
+
+def worker_exit(server, worker):
+    """Let the model thread finish what it accepted before the worker process ends."""
+    app = getattr(worker, "wsgi", None)
+    service = getattr(app, "extensions", {}).get("embedding_service") if app is not None else None
+    if service is not None:
+        service.stop()

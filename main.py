@@ -14,6 +14,7 @@ from flask import Blueprint, Flask, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from config import Settings, load_settings
+from batcher import QueueFullError
 from service import EmbeddingService, ModelNotReadyError
 
 logger = logging.getLogger(__name__)
@@ -21,8 +22,9 @@ logger = logging.getLogger(__name__)
 health = Blueprint("health", __name__)
 api = Blueprint("api", __name__)
 
-# Seconds a client should wait before retrying while the model loads.
+# Seconds a client should wait before retrying while the model loads, or when the queue is full.
 LOADING_RETRY_AFTER = 5
+QUEUE_FULL_RETRY_AFTER = 1
 
 
 class ApiError(Exception):
@@ -167,6 +169,11 @@ def handle_not_ready(error: ModelNotReadyError):
     return error_response(503, f"The model failed to load, so no embeddings can be made: {state}")
 
 
+def handle_queue_full(error: QueueFullError):
+    return error_response(429, f"The service is busy ({error}); retry in a moment",
+                          {"Retry-After": str(QUEUE_FULL_RETRY_AFTER)})
+
+
 def handle_too_large(error: RequestEntityTooLarge):
     limit = settings().max_request_size
     return error_response(413, f"Request body is larger than the limit of {limit} bytes (MAX_REQUEST_SIZE)")
@@ -207,6 +214,7 @@ def create_app(app_settings: Settings | None = None, service: EmbeddingService |
     app.register_blueprint(api)
     app.register_error_handler(ApiError, handle_api_error)
     app.register_error_handler(ModelNotReadyError, handle_not_ready)
+    app.register_error_handler(QueueFullError, handle_queue_full)
     app.register_error_handler(RequestEntityTooLarge, handle_too_large)
     app.register_error_handler(HTTPException, handle_http_error)
     app.register_error_handler(Exception, handle_unexpected_error)

@@ -8,11 +8,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
+from batcher import Batcher, BatchLimits, BatchStats
 from config import Settings
 
 if TYPE_CHECKING:
@@ -41,6 +43,9 @@ class EmbeddingService:
         self._ready = threading.Event()
         self._error: str | None = None
         self._text: TextEmbedder | None = None
+        self._batcher: Batcher | None = None
+        # How many requests each model batch served: {requests in the batch: batches}.
+        self.requests_per_batch: Counter[int] = Counter()
         self._loader: threading.Thread | None = None
         self.load_seconds: float | None = None
         # One forward pass at a time: concurrent passes only fight over the same cores.
@@ -62,6 +67,12 @@ class EmbeddingService:
             logger.error("Model %s failed to load: %s", self.settings.embedding_model, self._error)
             return
         self._text = text
+        self._batcher = Batcher(self._encode_windows, text.tokens_per_chunk, BatchLimits(
+            max_tokens=self.settings.batch_max_tokens,
+            max_wait=self.settings.batch_wait_ms / 1000,
+            queue_max=self.settings.queue_max,
+        ), on_batch=self._record_batch)
+        self._batcher.start()
         self.load_seconds = time.monotonic() - started
         self._ready.set()
         logger.info("Model %s ready in %.1f s (dimension %d, max %d tokens per window)",
@@ -98,14 +109,30 @@ class EmbeddingService:
     def vocabulary_size(self) -> int:
         return self._ready_text_embedder().vocabulary_size
 
+    def stop(self) -> None:
+        """Finish every accepted request, then stop the model thread."""
+        if self._batcher is not None:
+            self._batcher.stop()
+
     def _embed_tokenized(self, text_embedder: TextEmbedder, texts: Sequence[TokenizedText]) -> EmbeddingResult:
-        with self._model_lock:
-            vectors = text_embedder.embed_tokenized(texts)
+        # Raises QueueFullError when too many requests already wait for the model.
+        window_vectors = self._batcher.encode([window for text in texts for window in text.chunks])
+        vectors = text_embedder.combine_all(texts, window_vectors)
         return EmbeddingResult(vectors, sum(text_embedder.tokens_processed(text) for text in texts))
+
+    def _record_batch(self, stats: BatchStats) -> None:
+        self.requests_per_batch[stats.jobs] += 1
+
+    def _encode_windows(self, windows: list[list[int]]) -> np.ndarray:
+        with self._model_lock:
+            return self._text.encode_chunks(windows)
 
 
 def _load_embedder(settings: Settings) -> TextEmbedder:
     # Imported here, in the loading thread, so the worker answers /health
     # while torch and the model libraries are still being imported.
+    import torch
+
     from embeddings import load_model, load_text_embedder
+    torch.set_num_threads(settings.torch_num_threads)
     return load_text_embedder(settings, load_model(settings))
