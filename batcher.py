@@ -49,6 +49,7 @@ class _Job:
 class BatchStats:
     jobs: int
     windows: int
+    still_queued: int  # jobs left waiting when this batch was taken
 
 
 class Batcher:
@@ -62,6 +63,7 @@ class Batcher:
         self._queue: deque[_Job] = deque()
         self._condition = threading.Condition()
         self._last_batch_jobs = 0
+        self._still_queued = 0
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="model-batcher", daemon=True)
 
@@ -123,6 +125,7 @@ class Batcher:
                     tokens += self._queue[0].tokens
                     jobs.append(self._queue.popleft())
             self._last_batch_jobs = len(jobs)
+            self._still_queued = len(self._queue)
             return jobs
 
     def _queued_tokens(self) -> int:
@@ -139,7 +142,7 @@ class Batcher:
                 job.done.set()
             return
         if self._on_batch is not None:
-            self._on_batch(BatchStats(len(jobs), len(windows)))
+            self._on_batch(BatchStats(len(jobs), len(windows), self._still_queued))
         start = 0
         for job in jobs:
             job.vectors = vectors[start:start + len(job.windows)]

@@ -47,6 +47,8 @@ class Settings:
     batch_max_tokens: int = 4096
     batch_wait_ms: int = 5
     queue_max: int = 32
+    # /metrics answers without the API key when true.
+    metrics_public: bool = False
 
     @property
     def uses_default_api_key(self) -> bool:
@@ -129,4 +131,5 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         batch_max_tokens=_positive_int(environ, "BATCH_MAX_TOKENS", defaults.batch_max_tokens),
         batch_wait_ms=_whole_number(environ, "BATCH_WAIT_MS", defaults.batch_wait_ms, minimum=0),
         queue_max=_positive_int(environ, "QUEUE_MAX", defaults.queue_max),
+        metrics_public=_flag(environ, "METRICS_PUBLIC"),
     )

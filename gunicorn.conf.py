@@ -5,6 +5,7 @@ stops start-up here with a message that names the variable.
 """
 import os
 import sys
+import tempfile
 
 from config import SettingsError, load_settings
 
@@ -17,6 +18,9 @@ if not _settings.allow_model_download:
     # The service must never reach for the network at run time.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Workers write their metrics to files here so /metrics adds up every worker's values.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="embedder-metrics-")
 
 bind = f"0.0.0.0:{_settings.port}"
 worker_class = "gthread"
@@ -25,7 +29,8 @@ threads = _settings.threads
 # gthread workers heartbeat from their main thread, so a long request does not trip this.
 timeout = 120
 graceful_timeout = 30
-accesslog = "-"
+# The app logs one JSON line per request itself (observability.py).
+accesslog = None
 # The control socket (gunicorn 27) is not used here, and several instances on one
 # machine (tests, benchmark servers) would contend for its single default path.
 control_socket_disable = True
@@ -37,3 +42,8 @@ def worker_exit(server, worker):
     service = getattr(app, "extensions", {}).get("embedding_service") if app is not None else None
     if service is not None:
         service.stop()
+
+
+def child_exit(server, worker):
+    from prometheus_client import multiprocess
+    multiprocess.mark_process_dead(worker.pid)

@@ -14,7 +14,9 @@ from flask import Blueprint, Flask, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from config import Settings, load_settings
-from batcher import QueueFullError
+import observability
+from batcher import BatchStats, QueueFullError
+from observability import Metrics, count_work
 from service import EmbeddingService, ModelNotReadyError
 
 logger = logging.getLogger(__name__)
@@ -138,6 +140,7 @@ def readiness():
 def embed_text():
     text = validate_text(require_field(read_json_object(), "text"), "text")
     result = embedding_service().embed_texts([text])
+    count_work(tokens=result.token_count)
     return jsonify(embeddings=[result.vectors[0].tolist()])
 
 
@@ -145,7 +148,19 @@ def embed_text():
 def embed_text_batch():
     texts = validate_text_list(require_field(read_json_object(), "texts"), "texts")
     result = embedding_service().embed_texts(texts)
+    count_work(tokens=result.token_count)
     return jsonify(embeddings=[[vector.tolist()] for vector in result.vectors])
+
+
+@health.get("/metrics")
+def metrics():
+    # Behind the API key unless the operator opens it for a scraper without credentials.
+    if not settings().metrics_public:
+        require_api_key()
+    service, app_metrics = embedding_service(), current_app.extensions["metrics"]
+    if service.load_seconds is not None:
+        app_metrics.model_load_seconds.set(service.load_seconds)
+    return observability.metrics_response(app_metrics)
 
 
 # --- errors ---------------------------------------------------------------
@@ -195,11 +210,16 @@ def handle_unexpected_error(error: Exception):
 
 # --- application ----------------------------------------------------------
 
+def record_batch(app_metrics: Metrics, stats: BatchStats) -> None:
+    app_metrics.batch_requests.observe(stats.jobs)
+    app_metrics.batch_windows.observe(stats.windows)
+    app_metrics.queue_depth.set(stats.still_queued)
+
+
 def create_app(app_settings: Settings | None = None, service: EmbeddingService | None = None) -> Flask:
     """Build the app; the model starts loading in the background unless a service is passed in."""
     app_settings = app_settings or load_settings()
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    observability.configure_logging()
     if app_settings.uses_default_api_key:
         logger.warning("VECTOR_EMBEDDER_API_KEY is not set: the service accepts the documented default "
                        "key 'abc123'. Set your own key before exposing the service.")
@@ -210,6 +230,10 @@ def create_app(app_settings: Settings | None = None, service: EmbeddingService |
         service = EmbeddingService(app_settings)
         service.start_loading()
     app.extensions["embedding_service"] = service
+    app_metrics = Metrics()
+    app.extensions["metrics"] = app_metrics
+    observability.install(app, app_metrics)
+    service.observe_batches(lambda stats: record_batch(app_metrics, stats))
     app.register_blueprint(health)
     app.register_blueprint(api)
     app.register_error_handler(ApiError, handle_api_error)

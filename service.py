@@ -46,6 +46,7 @@ class EmbeddingService:
         self._batcher: Batcher | None = None
         # How many requests each model batch served: {requests in the batch: batches}.
         self.requests_per_batch: Counter[int] = Counter()
+        self._batch_observers: list[Callable[[BatchStats], None]] = []
         self._loader: threading.Thread | None = None
         self.load_seconds: float | None = None
         # One forward pass at a time: concurrent passes only fight over the same cores.
@@ -120,8 +121,14 @@ class EmbeddingService:
         vectors = text_embedder.combine_all(texts, window_vectors)
         return EmbeddingResult(vectors, sum(text_embedder.tokens_processed(text) for text in texts))
 
+    def observe_batches(self, observer: Callable[[BatchStats], None]) -> None:
+        """Call observer after every model batch (for metrics)."""
+        self._batch_observers.append(observer)
+
     def _record_batch(self, stats: BatchStats) -> None:
         self.requests_per_batch[stats.jobs] += 1
+        for observer in self._batch_observers:
+            observer(stats)
 
     def _encode_windows(self, windows: list[list[int]]) -> np.ndarray:
         with self._model_lock:
