@@ -2,10 +2,17 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import pytest
+import requests
 from werkzeug.serving import make_server
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -78,3 +85,59 @@ def server_with(test_settings, loaded_service):
     yield start
     for live in started:
         live.stop()
+
+
+# --- gunicorn, as the service runs in production ------------------------------------
+
+HERE = Path(__file__).resolve().parent
+START_TIMEOUT = 90
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class GunicornServer:
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_until_ready(self, timeout: float = START_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.output()
+            try:
+                if requests.get(self.url + "/health/ready", timeout=2).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"not ready within {timeout} s:\n{self.output()}")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        return self.process.returncode
+
+
+def start_gunicorn(log_dir: Path, **env_changes: str) -> GunicornServer:
+    """gunicorn with the project's gunicorn.conf.py on a free loopback port; output goes to a file."""
+    port = free_port()
+    env = {**os.environ, "PORT": str(port), **env_changes}
+    log_path = log_dir / f"gunicorn-{port}.log"
+    command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{port}",
+               "main:create_app()"]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=HERE, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return GunicornServer(f"http://127.0.0.1:{port}", process, log_path)

@@ -1,0 +1,111 @@
+"""Faults and overload against gunicorn itself: killed workers, SIGTERM, more load than the queue holds."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import psutil
+import pytest
+import requests
+
+from conftest import start_gunicorn
+
+KEY = "reliability-key"
+AUTH = {"X-API-Key": KEY}
+DOCUMENT = "Reliability means answering correctly or saying clearly why not. " * 70
+
+
+@pytest.fixture
+def gunicorn_server(tmp_path):
+    server = start_gunicorn(tmp_path, VECTOR_EMBEDDER_API_KEY=KEY, QUEUE_MAX="4", THREADS="32")
+    server.wait_until_ready()
+    yield server
+    server.stop()
+
+
+def worker_pids(server) -> list[int]:
+    return [child.pid for child in psutil.Process(server.process.pid).children()]
+
+
+def tree_rss_mb(server) -> float:
+    root = psutil.Process(server.process.pid)
+    return sum(process.memory_info().rss for process in [root] + root.children(recursive=True)) / 2 ** 20
+
+
+def test_a_killed_worker_is_replaced_and_readiness_follows(gunicorn_server, text_embedder):
+    [old_worker] = worker_pids(gunicorn_server)
+    os.kill(old_worker, signal.SIGKILL)
+    seen, deadline = [], time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            response = requests.get(gunicorn_server.url + "/health/ready", timeout=5)
+        except requests.ConnectionError:
+            continue
+        seen.append(response.json()["status"])
+        if response.status_code == 200:
+            break
+        time.sleep(0.05)
+    assert seen[-1] == "ready" and "loading" in seen, seen
+    [new_worker] = worker_pids(gunicorn_server)
+    assert new_worker != old_worker
+    response = requests.post(gunicorn_server.url + "/embeddings", json={"text": "back again"}, headers=AUTH, timeout=30)
+    np.testing.assert_allclose(response.json()["embeddings"][0], text_embedder.embed(["back again"])[0], atol=1e-5)
+
+
+def test_sigterm_lets_requests_in_flight_finish_correctly(gunicorn_server, text_embedder):
+    texts = [DOCUMENT + str(n) for n in range(12)]
+
+    def call(text_batch):
+        return requests.post(gunicorn_server.url + "/embeddings/batch", json={"texts": text_batch},
+                             headers=AUTH, timeout=120)
+
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(call, texts[start:start + 4]) for start in (0, 4, 8)]
+        time.sleep(0.5)
+        gunicorn_server.process.send_signal(signal.SIGTERM)
+        answers = [future.result() for future in futures]
+    assert gunicorn_server.process.wait(60) == 0
+    for start, response in zip((0, 4, 8), answers):
+        assert response.status_code == 200
+        expected = text_embedder.embed(texts[start:start + 4])
+        np.testing.assert_allclose([wrapped[0] for wrapped in response.json()["embeddings"]], expected, atol=1e-5)
+
+
+def test_overload_gets_quick_429s_and_every_accepted_request_is_correct(gunicorn_server, text_embedder):
+    texts = [DOCUMENT + str(n) for n in range(30)]
+    baseline_mb = tree_rss_mb(gunicorn_server)
+    peak_mb = [baseline_mb]
+    stop = threading.Event()
+
+    def watch_memory():
+        while not stop.wait(0.1):
+            peak_mb.append(tree_rss_mb(gunicorn_server))
+
+    def call(text):
+        started = time.monotonic()
+        response = requests.post(gunicorn_server.url + "/embeddings", json={"text": text}, headers=AUTH, timeout=120)
+        return text, response, time.monotonic() - started
+
+    watcher = threading.Thread(target=watch_memory)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(len(texts)) as pool:
+            answers = list(pool.map(call, texts))
+    finally:
+        stop.set()
+        watcher.join()
+    refused = [(response, seconds) for _, response, seconds in answers if response.status_code == 429]
+    accepted = [(text, response) for text, response, _ in answers if response.status_code == 200]
+    assert len(refused) + len(accepted) == len(texts)
+    assert refused and accepted
+    for response, seconds in refused:
+        assert response.headers["Retry-After"] == "1" and seconds < 5
+    for text, response in accepted:
+        np.testing.assert_allclose(response.json()["embeddings"][0], text_embedder.embed([text])[0], atol=1e-5)
+    assert max(peak_mb) - baseline_mb < 300, (baseline_mb, max(peak_mb))
+    metrics = requests.get(gunicorn_server.url + "/metrics", headers=AUTH, timeout=10).text
+    assert f"embedder_rejected_total {float(len(refused))}" in metrics
