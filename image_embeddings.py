@@ -30,9 +30,9 @@ if TYPE_CHECKING:
     # imports this module for its decoding functions, so /health answers while they import.
     from sentence_transformers import SentenceTransformer
 
-# The formats the service accepts. MPO is how Pillow names the JPEG files many
-# phone cameras write (a JPEG with extra preview pictures appended).
-ACCEPTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# The formats the service accepts. Pillow's JPEG opener also reads the MPO files many phone
+# cameras write (a JPEG with preview pictures appended); only the first picture is decoded.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 ACCEPTED_FORMAT_NAMES = "JPEG, PNG, WebP, GIF, BMP or TIFF"
 
 DATA_URI = re.compile(r"data:(?P<media_type>[^,;]*)(?P<parameters>(;[^,;]*)*),", re.IGNORECASE)
@@ -127,7 +127,9 @@ def _open_header(data: bytes, max_pixels: int) -> Image.Image:
         raise ImageTooLargeError(f"declares more pixels than Pillow's limit of {Image.MAX_IMAGE_PIXELS}; "
                                  f"the limit is {max_pixels} pixels (MAX_IMAGE_PIXELS)") from None
     except UnidentifiedImageError:
-        raise ImageInputError(f"is not an image in a supported format ({ACCEPTED_FORMAT_NAMES})") from None
+        # Pillow refuses headers that declare a zero width or height here too, without saying so.
+        raise ImageInputError(f"is not a readable image: it is not {ACCEPTED_FORMAT_NAMES}, or its header is "
+                              f"damaged (for example it declares a zero width or height)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise ImageInputError(f"has an image header that cannot be read ({error})") from None
     width, height = image.size
