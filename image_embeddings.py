@@ -131,7 +131,7 @@ def _open_header(data: bytes, max_pixels: int) -> Image.Image:
         raise ImageInputError(f"is not a readable image: it is not {ACCEPTED_FORMAT_NAMES}, or its header is "
                               f"damaged (for example it declares a zero width or height)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
-        raise ImageInputError(f"has an image header that cannot be read ({error})") from None
+        raise ImageInputError(f"is damaged or truncated: its image header cannot be read ({error})") from None
     width, height = image.size
     if width <= 0 or height <= 0:
         raise ImageInputError(f"has zero size ({width}x{height} pixels)")
