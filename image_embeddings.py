@@ -128,8 +128,8 @@ def _open_header(data: bytes, max_pixels: int) -> Image.Image:
                                  f"the limit is {max_pixels} pixels (MAX_IMAGE_PIXELS)") from None
     except UnidentifiedImageError:
         # Pillow refuses headers that declare a zero width or height here too, without saying so.
-        raise ImageInputError(f"is not a readable image: it is not {ACCEPTED_FORMAT_NAMES}, or its header is "
-                              f"damaged (for example it declares a zero width or height)") from None
+        raise ImageInputError(f"holds bytes that are not a readable image: it is not {ACCEPTED_FORMAT_NAMES}, "
+                              f"or its header is damaged (for example it declares a zero width or height)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise ImageInputError(f"is damaged or truncated: its image header cannot be read ({error})") from None
     width, height = image.size

@@ -212,6 +212,9 @@ def embed_image():
 @api.post("/embeddings/image/batch")
 def embed_image_batch():
     embedding_service().require_image_support()
+    if is_multipart():
+        raise ApiError(400, "The batch route takes JSON {\"images\": [\"<base64>\", ...]}; upload single files "
+                            "with multipart to /embeddings/image")
     images = validate_image_list(require_field(read_json_object(), "images"), "images")
     with image_errors("images", in_batch=True):
         vectors = embedding_service().embed_images(images)

@@ -419,7 +419,7 @@ def test_decompression_bomb_is_413(clip_server, width, height):
 def test_batch_with_one_bad_image_names_its_index(clip_server):
     good = b64(encoded(two_colour_image()))
     response = post(clip_server, "/embeddings/image/batch", json={"images": [good, good, b64(b"not an image")]})
-    assert error_of(response, 400).startswith("images[2] is not a readable image")
+    assert error_of(response, 400).startswith("images[2] holds bytes that are not a readable image")
     response = post(clip_server, "/embeddings/image/batch", json={"images": [good, "***", good]})
     assert error_of(response, 400).startswith("images[1] is not valid base64")
     response = post(clip_server, "/embeddings/image/batch", json={"images": [good, 7]})
@@ -435,6 +435,8 @@ def test_batch_size_limits(small_limits_server):
     assert "at least one image" in error_of(post(small_limits_server, "/embeddings/image/batch",
                                                  json={"images": []}), 400)
     assert "array" in error_of(post(small_limits_server, "/embeddings/image/batch", json={"images": good}), 400)
+    response = post(small_limits_server, "/embeddings/image/batch", files={"images": ("a.png", b"x")})
+    assert "takes JSON" in error_of(response, 400)
 
 
 def test_image_routes_need_the_api_key(clip_server):
