@@ -33,7 +33,7 @@ from tokenizers import pre_tokenizers
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
 from conftest import MODEL_LOAD_TIMEOUT, TEST_API_KEY, start_live_server
-from config import Settings
+from config import Settings, SettingsError, load_settings
 from image_embeddings import ImageInputError, ImageTooLargeError, decode_base64_image, open_image, to_rgb
 from main import create_app
 from model_locator import ModelNotFoundError, locate_model
@@ -351,6 +351,13 @@ def test_pixel_limit_is_checked_from_the_header_before_decoding():
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 50_000  # kilobytes
     with pytest.raises(ImageTooLargeError, match="MAX_IMAGE_PIXELS"):
         open_image(encoded(Image.new("RGB", (100, 100))), 9_999)
+
+
+def test_max_image_pixels_setting():
+    assert load_settings({}).max_image_pixels == 50_000_000
+    assert load_settings({"MAX_IMAGE_PIXELS": "1000"}).max_image_pixels == 1000
+    with pytest.raises(SettingsError, match="MAX_IMAGE_PIXELS"):
+        load_settings({"MAX_IMAGE_PIXELS": "lots"})
 
 
 def test_sixteen_bit_samples_are_scaled_not_clipped():
