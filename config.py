@@ -29,6 +29,9 @@ class Settings:
     max_texts_per_batch: int = 100
     max_images_per_batch: int = 20
     max_image_size: int = 10 * 1024 * 1024
+    # Pixels in one decoded image, checked from the file header before decoding: a small
+    # file can declare a huge picture (a decompression bomb). 50 MP covers phone cameras.
+    max_image_pixels: int = 50_000_000
     # Characters in one text; bounds the time one text can take.
     max_text_length: int = 20_000
     # Bytes in one request body; Flask rejects larger bodies before reading them.
@@ -119,6 +122,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         max_texts_per_batch=_positive_int(environ, "MAX_TEXTS_PER_BATCH", defaults.max_texts_per_batch),
         max_images_per_batch=_positive_int(environ, "MAX_IMAGES_PER_BATCH", defaults.max_images_per_batch),
         max_image_size=_positive_int(environ, "MAX_IMAGE_SIZE", defaults.max_image_size),
+        max_image_pixels=_positive_int(environ, "MAX_IMAGE_PIXELS", defaults.max_image_pixels),
         max_text_length=_positive_int(environ, "MAX_TEXT_LENGTH", defaults.max_text_length),
         max_request_size=_positive_int(environ, "MAX_REQUEST_SIZE", defaults.max_request_size),
         embedding_model=environ.get("EMBEDDING_MODEL", "").strip() or defaults.embedding_model,

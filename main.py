@@ -8,7 +8,8 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from flask import Blueprint, Flask, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
@@ -16,8 +17,9 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from config import Settings, load_settings
 import observability
 from batcher import BatchStats, QueueFullError
+from image_embeddings import ImageInputError, ImageTooLargeError, check_byte_size, decode_base64_image
 from observability import Metrics, count_work
-from service import EmbeddingService, ModelNotReadyError
+from service import EmbeddingService, ImagesNotSupportedError, ModelNotReadyError
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +125,56 @@ def validate_text_list(value: Any, where: str) -> list[str]:
     return [validate_text(item, f"{where}[{index}]") for index, item in enumerate(value)]
 
 
+def validate_image_string(value: Any, where: str) -> bytes:
+    """The image bytes of a base64 string or data URI."""
+    if not isinstance(value, str):
+        raise ApiError(400, f"{where} must be a base64 string or data URI, got {json_type(value)}")
+    with image_errors(where):
+        return decode_base64_image(value, settings().max_image_size)
+
+
+def validate_image_list(value: Any, where: str) -> list[bytes]:
+    if not isinstance(value, list):
+        raise ApiError(400, f"{where} must be an array of base64 strings or data URIs, got {json_type(value)}")
+    if not value:
+        raise ApiError(400, f"{where} is empty: send at least one image")
+    limit = settings().max_images_per_batch
+    if len(value) > limit:
+        raise ApiError(400, f"{where} has {len(value)} images; the limit is {limit} (MAX_IMAGES_PER_BATCH)")
+    return [validate_image_string(item, f"{where}[{index}]") for index, item in enumerate(value)]
+
+
+def read_uploaded_image(field: str) -> bytes:
+    """The bytes of the file uploaded in a multipart form field."""
+    upload = request.files.get(field)
+    if upload is None:
+        if field in request.form:
+            raise ApiError(400, f"Form field {field!r} is text, not a file: upload the file with "
+                                f"-F {field}=@picture.jpg, or send JSON {{\"{field}\": \"<base64>\"}}")
+        raise ApiError(400, f"Missing file field {field!r} in the multipart form: upload it with "
+                            f"-F {field}=@picture.jpg")
+    limit = settings().max_image_size
+    with image_errors(field):
+        # One byte over the limit is enough to know the file is too large.
+        return check_byte_size(upload.stream.read(limit + 1), limit)
+
+
+@contextmanager
+def image_errors(where: str, in_batch: bool = False) -> Iterator[None]:
+    """Turn an unusable image into a 400, or a 413 when it is over a limit, naming where it was."""
+    try:
+        yield
+    except ImageInputError as error:
+        if in_batch and error.index is not None:
+            where = f"{where}[{error.index}]"
+        status = 413 if isinstance(error, ImageTooLargeError) else 400
+        raise ApiError(status, f"{where} {error}") from None
+
+
+def is_multipart() -> bool:
+    return request.mimetype == "multipart/form-data"
+
+
 # --- routes ---------------------------------------------------------------
 
 @health.get("/health")
@@ -163,6 +215,32 @@ def metrics():
     return observability.metrics_response(app_metrics)
 
 
+@api.post("/embeddings/image")
+def embed_image():
+    embedding_service().require_image_support()
+    if is_multipart():
+        image = read_uploaded_image("image")
+    else:
+        image = validate_image_string(require_field(read_json_object(), "image"), "image")
+    with image_errors("image"):
+        vectors = embedding_service().embed_images([image])
+    count_work(images=1)
+    return jsonify(embeddings=[vectors[0].tolist()])
+
+
+@api.post("/embeddings/image/batch")
+def embed_image_batch():
+    embedding_service().require_image_support()
+    if is_multipart():
+        raise ApiError(400, "The batch route takes JSON {\"images\": [\"<base64>\", ...]}; upload single files "
+                            "with multipart to /embeddings/image")
+    images = validate_image_list(require_field(read_json_object(), "images"), "images")
+    with image_errors("images", in_batch=True):
+        vectors = embedding_service().embed_images(images)
+    count_work(images=len(images))
+    return jsonify(embeddings=[[vector.tolist()] for vector in vectors])
+
+
 # --- errors ---------------------------------------------------------------
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None):
@@ -187,6 +265,10 @@ def handle_not_ready(error: ModelNotReadyError):
 def handle_queue_full(error: QueueFullError):
     return error_response(429, f"The service is busy ({error}); retry in a moment",
                           {"Retry-After": str(QUEUE_FULL_RETRY_AFTER)})
+
+
+def handle_images_not_supported(error: ImagesNotSupportedError):
+    return error_response(501, str(error))
 
 
 def handle_too_large(error: RequestEntityTooLarge):
@@ -239,6 +321,7 @@ def create_app(app_settings: Settings | None = None, service: EmbeddingService |
     app.register_error_handler(ApiError, handle_api_error)
     app.register_error_handler(ModelNotReadyError, handle_not_ready)
     app.register_error_handler(QueueFullError, handle_queue_full)
+    app.register_error_handler(ImagesNotSupportedError, handle_images_not_supported)
     app.register_error_handler(RequestEntityTooLarge, handle_too_large)
     app.register_error_handler(HTTPException, handle_http_error)
     app.register_error_handler(Exception, handle_unexpected_error)

@@ -19,14 +19,20 @@ from config import Settings
 
 if TYPE_CHECKING:
     from embeddings import TextEmbedder, TokenizedText
+    from image_embeddings import ImageEmbedder
 
 logger = logging.getLogger(__name__)
 
 WARM_UP_TEXT = "warm-up"
+MULTIMODAL_MODELS = "clip-ViT-B-32, clip-ViT-B-16, clip-ViT-L-14 or a local CLIP folder"
 
 
 class ModelNotReadyError(RuntimeError):
     """The model is still loading, or failed to load."""
+
+
+class ImagesNotSupportedError(RuntimeError):
+    """The loaded model embeds text only."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,7 @@ class EmbeddingService:
         # How many requests each model batch served: {requests in the batch: batches}.
         self.requests_per_batch: Counter[int] = Counter()
         self._batch_observers: list[Callable[[BatchStats], None]] = []
+        self._images: ImageEmbedder | None = None  # stays None for a text-only model
         self._loader: threading.Thread | None = None
         self.load_seconds: float | None = None
         # One forward pass at a time: concurrent passes only fight over the same cores.
@@ -63,6 +70,9 @@ class EmbeddingService:
         try:
             text = self._load_embedder(self.settings)
             text.embed([WARM_UP_TEXT])
+            images = _load_image_embedder(self.settings, text.model)
+            if images is not None:
+                images.embed([_warm_up_image()])
         except Exception as error:  # any failure must surface in readiness, not crash the worker
             self._error = f"{type(error).__name__}: {error}"
             logger.error("Model %s failed to load: %s", self.settings.embedding_model, self._error)
@@ -74,6 +84,7 @@ class EmbeddingService:
             queue_max=self.settings.queue_max,
         ), on_batch=self._record_batch)
         self._batcher.start()
+        self._images = images
         self.load_seconds = time.monotonic() - started
         self._ready.set()
         logger.info("Model %s ready in %.1f s (dimension %d, max %d tokens per window)",
@@ -87,7 +98,8 @@ class EmbeddingService:
 
     def readiness(self) -> tuple[bool, dict]:
         if self._ready.is_set():
-            return True, {"status": "ready", "model": self.settings.embedding_model, "supports_images": False}
+            return True, {"status": "ready", "model": self.settings.embedding_model,
+                          "supports_images": self._images is not None}
         if self._error is not None:
             return False, {"status": "error", "model": self.settings.embedding_model, "reason": self._error}
         return False, {"status": "loading"}
@@ -106,6 +118,27 @@ class EmbeddingService:
         """One vector per list of the model's own token ids (chunked like text)."""
         text_embedder = self._ready_text_embedder()
         return self._embed_tokenized(text_embedder, text_embedder.tokenized_from_ids(token_id_lists))
+
+    def require_image_support(self) -> ImageEmbedder:
+        """The image embedder; ModelNotReadyError while loading, ImagesNotSupportedError for a text-only model."""
+        self._ready_text_embedder()
+        if self._images is None:
+            raise ImagesNotSupportedError(
+                f"Model {self.settings.embedding_model!r} embeds text only, so it cannot embed images. "
+                f"Set EMBEDDING_MODEL to a multimodal CLIP model ({MULTIMODAL_MODELS}) to embed "
+                f"images and texts in one vector space.")
+        return self._images
+
+    def embed_images(self, encoded_images: Sequence[bytes]) -> list[np.ndarray]:
+        """One vector per image file's bytes, in input order.
+
+        Raises image_embeddings.ImageInputError, with its index, for the first image that cannot be used;
+        no image is embedded then. Decoding happens outside the model lock: it does not use the model.
+        """
+        image_embedder = self.require_image_support()
+        prepared = image_embedder.prepare_encoded(encoded_images)
+        with self._model_lock:
+            return image_embedder.embed_prepared(prepared)
 
     def vocabulary_size(self) -> int:
         return self._ready_text_embedder().vocabulary_size
@@ -143,3 +176,13 @@ def _load_embedder(settings: Settings) -> TextEmbedder:
     from embeddings import load_model, load_text_embedder
     torch.set_num_threads(settings.torch_num_threads)
     return load_text_embedder(settings, load_model(settings))
+
+
+def _load_image_embedder(settings: Settings, model) -> ImageEmbedder | None:
+    from image_embeddings import load_image_embedder
+    return load_image_embedder(settings, model)
+
+
+def _warm_up_image():
+    from PIL import Image
+    return Image.new("RGB", (32, 32), "gray")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from config import Settings, SettingsError, load_settings
-from embeddings import chunk_token_ids, load_model, load_tokenizer
+from embeddings import TextEmbedder, chunk_token_ids, load_model, load_tokenizer
 from model_locator import ModelNotFoundError, baked_model_dir, locate_model
 
 LONG_TEXT = " ".join(f"Sentence number {n} talks about rivers, mountains and the sea." for n in range(120))
@@ -99,6 +99,8 @@ def test_long_text_vector_is_token_weighted_average_of_window_vectors(text_embed
 
 
 def test_chunks_are_encoded_in_calls_of_at_most_max_batch_size(text_embedder, monkeypatch):
+    # An embedder of its own: the shared one may still be serving another test's server.
+    text_embedder = TextEmbedder(text_embedder.model, text_embedder.tokenizer, max_batch_size=8, max_batch_tokens=4096)
     calls = []
     original = text_embedder._forward
 

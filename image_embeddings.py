@@ -1,0 +1,233 @@
+"""Image embeddings: decode untrusted image bytes safely, then embed them with a multimodal model.
+
+Decoding guards memory and time before any pixel is allocated: the encoded
+size is checked before base64 decoding, the pixel count is read from the file
+header and checked before the pixels are decoded, and only the first frame of
+an animated file is ever decoded. Each image is reduced to the model's input
+tensor as soon as it is decoded, so a batch holds at most one full-size image
+at a time.
+
+A model embeds images when its first module supports the "image" modality,
+as a CLIP model loaded by sentence-transformers does; its text tower is used
+through the text embedder, so texts and images land in the same vector space.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from config import Settings
+
+if TYPE_CHECKING:
+    # torch and sentence-transformers load in the model-loading thread, not when the web layer
+    # imports this module for its decoding functions, so /health answers while they import.
+    from sentence_transformers import SentenceTransformer
+
+# The formats the service accepts. Pillow's JPEG opener also reads the MPO files many phone
+# cameras write (a JPEG with preview pictures appended); only the first picture is decoded.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+ACCEPTED_FORMAT_NAMES = "JPEG, PNG, WebP, GIF, BMP or TIFF"
+
+DATA_URI = re.compile(r"data:(?P<media_type>[^,;]*)(?P<parameters>(;[^,;]*)*),", re.IGNORECASE)
+BASE64_ALPHABET = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+WHITESPACE = re.compile(r"\s+")
+# Modes holding more than 8 bits per channel: Pillow's own conversion clips them instead of scaling.
+HIGH_DEPTH_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+# Transparent pixels are shown on white, as the transformers image processors do.
+BACKGROUND = (255, 255, 255, 255)
+
+
+class ImageInputError(ValueError):
+    """An uploaded image cannot be used; the message says why in words a person can act on.
+
+    The message completes a sentence that starts with where the image was ("image[2] ...").
+    """
+    # Position of the image in a batch, set when a batch is prepared.
+    index: int | None = None
+
+
+class ImageTooLargeError(ImageInputError):
+    """An uploaded image is over a size or pixel limit."""
+
+
+# --- decoding ---------------------------------------------------------------
+
+def decode_base64_image(text: str, max_bytes: int) -> bytes:
+    """The bytes of a base64 string or base64 data URI, refused before decoding when they would be too many."""
+    payload = strip_data_uri(text.strip())
+    if WHITESPACE.search(payload):
+        # Tools such as `base64` without -w0 wrap their output in lines.
+        payload = WHITESPACE.sub("", payload)
+    if not payload:
+        raise ImageInputError("holds no base64 data")
+    padding = len(payload) - len(payload.rstrip("="))
+    decoded_size = len(payload) * 3 // 4 - padding
+    if decoded_size > max_bytes:
+        raise ImageTooLargeError(f"is {decoded_size} bytes once decoded; the limit is {max_bytes} (MAX_IMAGE_SIZE)")
+    if len(payload) % 4 or not BASE64_ALPHABET.fullmatch(payload):
+        raise ImageInputError("is not valid base64: use the standard alphabet (A-Z a-z 0-9 + /) with '=' padding")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except binascii.Error as error:
+        raise ImageInputError(f"is not valid base64: {error}") from None
+
+
+def strip_data_uri(text: str) -> str:
+    """The base64 part of a `data:image/...;base64,` URI, or the text itself when it is no data URI."""
+    if text[:5].lower() != "data:":
+        return text
+    header = DATA_URI.match(text)
+    if header is None:
+        raise ImageInputError("is a data URI without the ',' that separates its header from its data")
+    parameters = [parameter.strip().lower() for parameter in header["parameters"].split(";")]
+    if "base64" not in parameters:
+        raise ImageInputError("is a data URI that is not base64-encoded: use data:image/...;base64,<data>")
+    return text[header.end():]
+
+
+def check_byte_size(data: bytes, max_bytes: int) -> bytes:
+    if len(data) > max_bytes:
+        raise ImageTooLargeError(f"is larger than the limit of {max_bytes} bytes (MAX_IMAGE_SIZE)")
+    return data
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode image bytes into an upright RGB image, refusing anything unsafe before it is decoded."""
+    if not data:
+        raise ImageInputError("is empty (0 bytes): send the bytes of an image file")
+    image = _open_header(data, max_pixels)
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise ImageInputError(f"is a damaged or truncated {image.format} file that cannot be decoded "
+                              f"({error})") from None
+    try:
+        return to_rgb(upright(image))
+    except (OSError, ValueError) as error:
+        raise ImageInputError(f"has pixel mode {image.mode} that cannot be converted to RGB ({error})") from None
+
+
+def _open_header(data: bytes, max_pixels: int) -> Image.Image:
+    """Read the file header only: the format and the size, no pixels."""
+    # Pillow's own decompression-bomb check in open() only warns between its limit and twice
+    # that; the pixel limit below refuses every such image before decoding, without touching
+    # the process-wide warning filters (warnings.catch_warnings is not thread-safe).
+    try:
+        image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageTooLargeError(f"declares far too many pixels ({error}); the limit is {max_pixels} pixels "
+                                 f"(MAX_IMAGE_PIXELS)") from None
+    except UnidentifiedImageError:
+        # Pillow refuses headers that declare a zero width or height here too, without saying so.
+        raise ImageInputError(f"holds bytes that are not a readable image: it is not {ACCEPTED_FORMAT_NAMES}, "
+                              f"or its header is damaged (for example it declares a zero width or height)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise ImageInputError(f"is damaged or truncated: its image header cannot be read ({error})") from None
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise ImageInputError(f"has zero size ({width}x{height} pixels)")
+    if width * height > max_pixels:
+        raise _too_many_pixels(image.size, max_pixels)
+    return image
+
+
+def _too_many_pixels(size: tuple[int, int], max_pixels: int) -> ImageTooLargeError:
+    width, height = size
+    return ImageTooLargeError(f"is {width}x{height} = {width * height} pixels; the limit is {max_pixels} "
+                              f"pixels (MAX_IMAGE_PIXELS)")
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image turned the way its EXIF orientation tag says it is meant to be seen."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except (OSError, SyntaxError, ValueError, TypeError, KeyError):
+        # A broken EXIF block must not cost the user the image: use it as stored.
+        return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Three 8-bit channels whatever the source mode; transparency is shown on white."""
+    if image.mode in HIGH_DEPTH_MODES:
+        # 16-bit samples scaled to 8 bits; Pillow's convert would clip everything above 255 to white.
+        image = image.convert("I").point(lambda value: value / 256).convert("L")
+    if image.mode == "RGB":
+        return image
+    if "A" in image.getbands() or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, BACKGROUND)
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+# --- embedding --------------------------------------------------------------
+
+def supports_images(model: SentenceTransformer) -> bool:
+    """Whether the loaded model embeds images, read from its modules rather than its name."""
+    return "image" in model.modalities
+
+
+class ImageEmbedder:
+    """Turns images into vectors with a multimodal sentence-transformers model."""
+
+    def __init__(self, model: SentenceTransformer, max_batch_size: int, max_pixels: int) -> None:
+        if not supports_images(model):
+            raise ValueError(f"The model supports only {model.modalities}, not images")
+        self.model = model
+        self.max_batch_size = max_batch_size
+        self.max_pixels = max_pixels
+        self.dimension = model.get_embedding_dimension()
+
+    def prepare(self, image: Image.Image) -> dict[str, Any]:
+        """The model's input features for one image (resized, cropped, normalised)."""
+        return self.model.preprocess([image])
+
+    def prepare_encoded(self, encoded_images: Sequence[bytes]) -> list[dict[str, Any]]:
+        """Decode and prepare each image in turn, so only one full-size image is held at a time.
+
+        An image that cannot be used raises its error with `index` set to its position.
+        """
+        prepared = []
+        for index, data in enumerate(encoded_images):
+            try:
+                prepared.append(self.prepare(open_image(data, self.max_pixels)))
+            except ImageInputError as error:
+                error.index = index
+                raise
+        return prepared
+
+    def embed_prepared(self, prepared: Sequence[dict[str, Any]]) -> list[np.ndarray]:
+        """One vector per prepared image, in input order, in forward passes of at most max_batch_size images."""
+        import torch
+        vectors = []
+        for start in range(0, len(prepared), self.max_batch_size):
+            features = _concatenate(prepared[start:start + self.max_batch_size])
+            with torch.inference_mode():
+                output = self.model(features)
+            vectors.extend(output["sentence_embedding"].float().numpy())
+        return vectors
+
+    def embed(self, images: Sequence[Image.Image]) -> list[np.ndarray]:
+        """One vector per decoded image, in input order."""
+        return self.embed_prepared([self.prepare(to_rgb(image)) for image in images])
+
+
+def _concatenate(prepared: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Features of single images joined into one batch; non-tensor entries (the modality) are shared."""
+    import torch
+    first = prepared[0]
+    return {key: torch.cat([features[key] for features in prepared]) if isinstance(value, torch.Tensor) else value
+            for key, value in first.items()}
+
+
+def load_image_embedder(settings: Settings, model: SentenceTransformer) -> ImageEmbedder | None:
+    """An image embedder on the loaded model, or None when the model embeds text only."""
+    if not supports_images(model):
+        return None
+    return ImageEmbedder(model, settings.max_batch_size, settings.max_image_pixels)
