@@ -46,7 +46,7 @@ class TextEmbedder:
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
-        self.max_seq_length = min(model.max_seq_length or LONGEST_WINDOW, LONGEST_WINDOW)
+        self.max_seq_length = min(model.max_seq_length or LONGEST_WINDOW, LONGEST_WINDOW, position_limit(model))
         self.prefix_ids, self.suffix_ids = special_token_frame(tokenizer)
         self.window_size = self.max_seq_length - len(self.prefix_ids) - len(self.suffix_ids)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -128,6 +128,13 @@ class TextEmbedder:
     def embed(self, texts: Sequence[str]) -> list[np.ndarray]:
         """One vector per text, in input order."""
         return self.embed_tokenized(self.tokenize(texts))
+
+
+def position_limit(model: SentenceTransformer) -> int:
+    """The most positions the model's text encoder has embeddings for (77 for CLIP, 512 for BERT)."""
+    config = model.transformers_model.config
+    text_config = getattr(config, "text_config", None) or config
+    return getattr(text_config, "max_position_embeddings", None) or LONGEST_WINDOW
 
 
 def all_chunks(texts: Sequence[TokenizedText]) -> list[list[int]]:

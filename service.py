@@ -9,12 +9,13 @@ import logging
 import threading
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
-from batcher import Batcher, BatchLimits, BatchStats
+from batcher import Batcher, BatchLimits, BatchStats, QueueFullError
 from config import Settings
 
 if TYPE_CHECKING:
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 WARM_UP_TEXT = "warm-up"
+# Image requests decoding at once: each may hold one full-size decoded image in memory.
+IMAGE_DECODE_SLOTS = 2
 MULTIMODAL_MODELS = "clip-ViT-B-32, clip-ViT-B-16, clip-ViT-L-14 or a local CLIP folder"
 
 
@@ -58,6 +61,9 @@ class EmbeddingService:
         self.load_seconds: float | None = None
         # One forward pass at a time: concurrent passes only fight over the same cores.
         self._model_lock = threading.Lock()
+        self._image_slots = threading.BoundedSemaphore(IMAGE_DECODE_SLOTS)
+        self._image_requests = 0
+        self._image_requests_lock = threading.Lock()
 
     def start_loading(self) -> None:
         """Load the model in a background thread so the health route answers meanwhile."""
@@ -136,9 +142,23 @@ class EmbeddingService:
         no image is embedded then. Decoding happens outside the model lock: it does not use the model.
         """
         image_embedder = self.require_image_support()
-        prepared = image_embedder.prepare_encoded(encoded_images)
-        with self._model_lock:
-            return image_embedder.embed_prepared(prepared)
+        with self._image_admission(), self._image_slots:
+            prepared = image_embedder.prepare_encoded(encoded_images)
+            with self._model_lock:
+                return image_embedder.embed_prepared(prepared)
+
+    @contextmanager
+    def _image_admission(self):
+        """Admit an image request unless QUEUE_MAX of them already wait, as the text queue does."""
+        with self._image_requests_lock:
+            if self._image_requests >= self.settings.queue_max + IMAGE_DECODE_SLOTS:
+                raise QueueFullError(f"{self._image_requests} image requests are already waiting for the model")
+            self._image_requests += 1
+        try:
+            yield
+        finally:
+            with self._image_requests_lock:
+                self._image_requests -= 1
 
     def vocabulary_size(self) -> int:
         return self._ready_text_embedder().vocabulary_size

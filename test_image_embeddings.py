@@ -20,7 +20,10 @@ import json
 import os
 import resource
 import struct
+import threading
+import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -37,6 +40,7 @@ from config import Settings, SettingsError, load_settings
 from image_embeddings import ImageInputError, ImageTooLargeError, decode_base64_image, open_image, to_rgb
 from main import create_app
 from model_locator import ModelNotFoundError, locate_model
+from batcher import QueueFullError
 from service import EmbeddingService
 
 TINY_IMAGE_SIZE = 32
@@ -505,3 +509,31 @@ def test_real_clip_places_colours_next_to_their_names():
         live.stop()
     assert cosine(red_text, red) > cosine(red_text, blue)
     assert cosine(blue_text, blue) > cosine(blue_text, red)
+
+
+def test_image_overload_gets_429_and_accepted_images_are_correct(clip_settings, clip_model, monkeypatch):
+    service = EmbeddingService(replace(clip_settings, queue_max=1))
+    service.start_loading()
+    assert service.wait_until_loaded(MODEL_LOAD_TIMEOUT)
+    image_embedder = service.require_image_support()
+    gate, entered = threading.Event(), threading.Event()
+    real_embed = image_embedder.embed_prepared
+
+    def slow_model(prepared):  # a model made slow on purpose, so requests pile up
+        entered.set()
+        assert gate.wait(30)
+        return real_embed(prepared)
+
+    monkeypatch.setattr(image_embedder, "embed_prepared", slow_model)
+    images = [Image.new("RGB", (40, 30), color) for color in ("red", "green", "blue", "white", "black")]
+    with ThreadPoolExecutor(len(images)) as pool:
+        futures = [pool.submit(service.embed_images, [encoded(image)]) for image in images[:3]]
+        assert entered.wait(10)
+        time.sleep(0.3)
+        with pytest.raises(QueueFullError):
+            service.embed_images([encoded(images[3])])
+        gate.set()
+        for image, future in zip(images, futures):
+            expected = clip_model.encode([image])[0]
+            np.testing.assert_allclose(future.result(30)[0], expected, atol=1e-5)
+    assert len(service.embed_images([encoded(images[4])])) == 1
