@@ -1,7 +1,9 @@
 """HTTP layer: routes, authentication, validation and errors.
 
 Each route reads the request, validates it, asks the embedding service for
-vectors and shapes the response. Every error is JSON `{"error": "..."}`.
+vectors and shapes the response. Every error is JSON `{"error": "..."}`,
+except under /v1 (the OpenAI-compatible routes of openai_api.py), where it is
+OpenAI's envelope `{"error": {"message", "type", "param", "code"}}`.
 """
 from __future__ import annotations
 
@@ -30,15 +32,25 @@ api = Blueprint("api", __name__)
 LOADING_RETRY_AFTER = 5
 QUEUE_FULL_RETRY_AFTER = 1
 
+# Routes under this prefix speak the OpenAI API, errors included.
+OPENAI_PREFIX = "/v1"
+
 
 class ApiError(Exception):
-    """An error answered to the client as JSON with its HTTP status."""
+    """An error answered to the client as JSON with its HTTP status.
 
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+    `param` (the request field at fault) and `code` (a machine-readable reason)
+    appear only in the OpenAI error envelope.
+    """
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None,
+                 param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.headers = headers or {}
+        self.param = param
+        self.code = code
 
 
 def settings() -> Settings:
@@ -60,10 +72,20 @@ def key_is_valid(presented: str | None, accepted: tuple[str, ...]) -> bool:
     return any(matches)
 
 
+def bearer_token(authorization: str | None) -> str | None:
+    """The key in an `Authorization: Bearer <key>` header, as the OpenAI clients send it."""
+    scheme, _, token = (authorization or "").strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
 @api.before_request
 def require_api_key() -> None:
-    if not key_is_valid(request.headers.get("X-API-Key"), settings().api_keys):
-        raise ApiError(401, "Missing or invalid API key: send it in the X-API-Key header")
+    """Every protected route takes the key as X-API-Key or as a bearer token; either one valid is enough."""
+    accepted = settings().api_keys
+    presented = (request.headers.get("X-API-Key"), bearer_token(request.headers.get("Authorization")))
+    if not any([key_is_valid(key, accepted) for key in presented]):
+        raise ApiError(401, "Missing or invalid API key: send it in the X-API-Key header "
+                            "or as 'Authorization: Bearer <key>'", code="invalid_api_key")
 
 
 # --- validation -----------------------------------------------------------
@@ -243,23 +265,35 @@ def embed_image_batch():
 
 # --- errors ---------------------------------------------------------------
 
-def error_response(status: int, message: str, headers: dict[str, str] | None = None):
-    response = jsonify(error=message)
+def is_openai_route() -> bool:
+    return request.path == OPENAI_PREFIX or request.path.startswith(OPENAI_PREFIX + "/")
+
+
+def openai_error(status: int, message: str, param: str | None, code: str | None) -> dict[str, Any]:
+    """OpenAI's error envelope; clients built on the OpenAI SDK read `message` from it."""
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None,
+                   param: str | None = None, code: str | None = None):
+    response = jsonify(openai_error(status, message, param, code) if is_openai_route() else {"error": message})
     response.status_code = status
     response.headers.update(headers or {})
     return response
 
 
 def handle_api_error(error: ApiError):
-    return error_response(error.status, error.message, error.headers)
+    return error_response(error.status, error.message, error.headers, error.param, error.code)
 
 
 def handle_not_ready(error: ModelNotReadyError):
     state = str(error)
     if state == "loading":
         return error_response(503, "The model is still loading; retry when GET /health/ready answers 200",
-                              {"Retry-After": str(LOADING_RETRY_AFTER)})
-    return error_response(503, f"The model failed to load, so no embeddings can be made: {state}")
+                              {"Retry-After": str(LOADING_RETRY_AFTER)}, code="model_loading")
+    return error_response(503, f"The model failed to load, so no embeddings can be made: {state}",
+                          code="model_load_failed")
 
 
 def handle_queue_full(error: QueueFullError):
@@ -273,21 +307,25 @@ def handle_images_not_supported(error: ImagesNotSupportedError):
 
 def handle_too_large(error: RequestEntityTooLarge):
     limit = settings().max_request_size
-    return error_response(413, f"Request body is larger than the limit of {limit} bytes (MAX_REQUEST_SIZE)")
+    return error_response(413, f"Request body is larger than the limit of {limit} bytes (MAX_REQUEST_SIZE)",
+                          code="request_too_large")
 
 
 def handle_http_error(error: HTTPException):
     messages = {
-        404: f"No route {request.path}: see the README for the routes this service has",
+        404: f"No route {request.path}: see GET /docs or the README for the routes this service has",
         405: f"Method {request.method} is not allowed on {request.path}",
     }
     headers = {"Allow": ", ".join(error.valid_methods)} if getattr(error, "valid_methods", None) else {}
-    return error_response(error.code or 500, messages.get(error.code, error.description), headers)
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    return error_response(error.code or 500, messages.get(error.code, error.description), headers,
+                          code=codes.get(error.code))
 
 
 def handle_unexpected_error(error: Exception):
     logger.exception("Unexpected error on %s %s", request.method, request.path)
-    return error_response(500, "Internal error while handling the request; it has been logged")
+    return error_response(500, "Internal error while handling the request; it has been logged",
+                          code="internal_error")
 
 
 # --- application ----------------------------------------------------------
@@ -305,7 +343,8 @@ def create_app(app_settings: Settings | None = None, service: EmbeddingService |
     if app_settings.uses_default_api_key:
         logger.warning("VECTOR_EMBEDDER_API_KEY is not set: the service accepts the documented default "
                        "key 'abc123'. Set your own key before exposing the service.")
-    app = Flask(__name__)
+    # No static folder: every route is one of ours and documented in /openapi.json.
+    app = Flask(__name__, static_folder=None)
     app.config["SETTINGS"] = app_settings
     app.config["MAX_CONTENT_LENGTH"] = app_settings.max_request_size
     if service is None:
@@ -316,8 +355,13 @@ def create_app(app_settings: Settings | None = None, service: EmbeddingService |
     app.extensions["metrics"] = app_metrics
     observability.install(app, app_metrics)
     service.observe_batches(lambda stats: record_batch(app_metrics, stats))
+    # Imported here because both modules build on this one's helpers.
+    from api_docs import docs
+    from openai_api import openai_api
     app.register_blueprint(health)
     app.register_blueprint(api)
+    app.register_blueprint(openai_api, url_prefix=OPENAI_PREFIX)
+    app.register_blueprint(docs)
     app.register_error_handler(ApiError, handle_api_error)
     app.register_error_handler(ModelNotReadyError, handle_not_ready)
     app.register_error_handler(QueueFullError, handle_queue_full)

@@ -59,6 +59,7 @@ class EmbeddingService:
         self._images: ImageEmbedder | None = None  # stays None for a text-only model
         self._loader: threading.Thread | None = None
         self.load_seconds: float | None = None
+        self.loaded_at: int | None = None  # Unix time the model became ready
         # One forward pass at a time: concurrent passes only fight over the same cores.
         self._model_lock = threading.Lock()
         self._image_slots = threading.BoundedSemaphore(IMAGE_DECODE_SLOTS)
@@ -92,6 +93,7 @@ class EmbeddingService:
         self._batcher.start()
         self._images = images
         self.load_seconds = time.monotonic() - started
+        self.loaded_at = int(time.time())
         self._ready.set()
         logger.info("Model %s ready in %.1f s (dimension %d, max %d tokens per window)",
                     self.settings.embedding_model, self.load_seconds, text.dimension, text.max_seq_length)
@@ -162,6 +164,14 @@ class EmbeddingService:
 
     def vocabulary_size(self) -> int:
         return self._ready_text_embedder().vocabulary_size
+
+    def dimension(self) -> int:
+        """Components in every vector the model makes."""
+        return self._ready_text_embedder().dimension
+
+    def max_sequence_length(self) -> int:
+        """Tokens in one model window, special tokens included; longer texts are chunked."""
+        return self._ready_text_embedder().max_seq_length
 
     def stop(self) -> None:
         """Finish every accepted request, then stop the model thread."""

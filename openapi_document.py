@@ -1,0 +1,287 @@
+"""The OpenAPI 3.1 description of every route, served at GET /openapi.json.
+
+Kept as Python so the parts every route shares (errors, security) are written
+once. test_openapi.py checks that it names exactly the app's routes and that
+real responses validate against it.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+VECTOR = {"type": "array", "items": {"type": "number"}, "description": "One embedding vector."}
+PROTECTED = [{"ApiKeyAuth": []}, {"BearerAuth": []}]
+PUBLIC: list[dict[str, list]] = []
+
+
+def ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def json_content(schema: dict[str, Any], example: Any = None) -> dict[str, Any]:
+    media: dict[str, Any] = {"schema": schema}
+    if example is not None:
+        media["example"] = example
+    return {"application/json": media}
+
+
+def response(description: str, schema: dict[str, Any], headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    answer = {"description": description, "content": json_content(schema)}
+    if headers:
+        answer["headers"] = headers
+    return answer
+
+
+def errors(error_schema: str, *statuses: int) -> dict[str, Any]:
+    """The documented error responses of a route, all in one error schema."""
+    meanings = {
+        400: "The request is malformed or a field is invalid; the message says which and why.",
+        401: "Missing or invalid API key.",
+        404: "Unknown model (code model_not_found).",
+        413: "The body, a text or an image is over its limit (MAX_REQUEST_SIZE, MAX_TEXT_LENGTH, MAX_IMAGE_SIZE).",
+        501: "The served model embeds text only.",
+        503: "The model is still loading (with Retry-After) or failed to load.",
+    }
+    answers: dict[str, Any] = {}
+    for status in statuses:
+        headers = {"Retry-After": {"description": "Seconds to wait while the model loads.",
+                                   "schema": {"type": "integer"}}} if status == 503 else None
+        answers[str(status)] = response(meanings[status], ref(error_schema), headers)
+    answers["default"] = response("Any other error (unknown route 404, wrong method 405, internal 500).",
+                                  ref(error_schema))
+    return answers
+
+
+def operation(tag: str, operation_id: str, summary: str, responses: dict[str, Any],
+              security: list, request_body: dict[str, Any] | None = None,
+              description: str | None = None) -> dict[str, Any]:
+    described = {"tags": [tag], "operationId": operation_id, "summary": summary,
+                 "security": security, "responses": responses}
+    if description:
+        described["description"] = description
+    if request_body:
+        described["requestBody"] = request_body
+    return described
+
+
+def json_body(schema_name: str, example: Any) -> dict[str, Any]:
+    return {"required": True, "content": json_content(ref(schema_name), example)}
+
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object", "required": ["error"],
+        "properties": {"error": {"type": "string", "description": "What was wrong, in words a person can act on."}},
+    },
+    "OpenAIError": {
+        "type": "object", "required": ["error"],
+        "properties": {"error": {
+            "type": "object", "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string", "enum": ["invalid_request_error", "server_error"]},
+                "param": {"type": ["string", "null"], "description": "The request field at fault."},
+                "code": {"type": ["string", "null"], "examples": [
+                    "model_not_found", "invalid_api_key", "request_too_large", "model_loading",
+                    "model_load_failed", "not_found", "method_not_allowed", "internal_error"]},
+            },
+        }},
+    },
+    "Liveness": {
+        "type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}},
+    },
+    "Readiness": {
+        "type": "object", "required": ["status"],
+        "properties": {
+            "status": {"type": "string", "enum": ["ready", "loading", "error"]},
+            "model": {"type": "string"},
+            "supports_images": {"type": "boolean"},
+            "reason": {"type": "string", "description": "Why loading failed (status error)."},
+        },
+    },
+    "TextRequest": {
+        "type": "object", "required": ["text"],
+        "properties": {"text": {"type": "string", "minLength": 1,
+                                "description": "At most MAX_TEXT_LENGTH characters; longer than the model's "
+                                               "window is chunked and averaged."}},
+    },
+    "TextBatchRequest": {
+        "type": "object", "required": ["texts"],
+        "properties": {"texts": {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1},
+                                 "description": "At most MAX_TEXTS_PER_BATCH texts."}},
+    },
+    "ImageRequest": {
+        "type": "object", "required": ["image"],
+        "properties": {"image": {"type": "string",
+                                 "description": "Base64 image bytes or a data URI (data:image/png;base64,...)."}},
+    },
+    "ImageUpload": {
+        "type": "object", "required": ["image"],
+        "properties": {"image": {"type": "string", "format": "binary", "contentMediaType": "image/*"}},
+    },
+    "ImageBatchRequest": {
+        "type": "object", "required": ["images"],
+        "properties": {"images": {"type": "array", "minItems": 1, "items": {"type": "string"},
+                                  "description": "At most MAX_IMAGES_PER_BATCH base64 images or data URIs."}},
+    },
+    "Embeddings": {
+        "type": "object", "required": ["embeddings"],
+        "properties": {"embeddings": {"type": "array", "items": VECTOR, "minItems": 1, "maxItems": 1,
+                                      "description": "The one vector, wrapped in a list."}},
+    },
+    "BatchEmbeddings": {
+        "type": "object", "required": ["embeddings"],
+        "properties": {"embeddings": {"type": "array", "items": {"type": "array", "items": VECTOR},
+                                      "description": "One [vector] per input, in input order."}},
+    },
+    "CreateEmbeddingRequest": {
+        "type": "object", "required": ["input", "model"],
+        "properties": {
+            "input": {
+                "description": "Texts or token ids of the served model's tokenizer. With a CLIP model a string "
+                               "item that is an image data URI (data:image/...;base64,...) is embedded as an "
+                               "image. At most MAX_TEXTS_PER_BATCH items.",
+                "oneOf": [
+                    {"type": "string", "minLength": 1},
+                    {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+                    {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}},
+                    {"type": "array", "minItems": 1,
+                     "items": {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}},
+                ],
+            },
+            "model": {"type": "string", "description": "The served model's id (GET /v1/models), its hub id "
+                                                       "sentence-transformers/<name>, or its short name."},
+            "encoding_format": {"type": "string", "enum": ["float", "base64"], "default": "float",
+                                "description": "base64: little-endian float32 bytes."},
+            "dimensions": {"type": "integer", "minimum": 1,
+                           "description": "Keep the first N components and L2-normalise again."},
+            "user": {"type": "string", "description": "Accepted and ignored."},
+        },
+    },
+    "CreateEmbeddingResponse": {
+        "type": "object", "required": ["object", "data", "model", "usage"],
+        "properties": {
+            "object": {"const": "list"},
+            "data": {"type": "array", "items": {
+                "type": "object", "required": ["object", "index", "embedding"],
+                "properties": {
+                    "object": {"const": "embedding"},
+                    "index": {"type": "integer", "minimum": 0},
+                    "embedding": {"oneOf": [VECTOR, {"type": "string", "contentEncoding": "base64"}]},
+                },
+            }},
+            "model": {"type": "string"},
+            "usage": {
+                "type": "object", "required": ["prompt_tokens", "total_tokens"],
+                "properties": {"prompt_tokens": {"type": "integer", "minimum": 0},
+                               "total_tokens": {"type": "integer", "minimum": 0}},
+            },
+        },
+    },
+    "ModelList": {
+        "type": "object", "required": ["object", "data"],
+        "properties": {
+            "object": {"const": "list"},
+            "data": {"type": "array", "items": {
+                "type": "object",
+                "required": ["id", "object", "created", "owned_by", "dimension", "max_sequence_length"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "object": {"const": "model"},
+                    "created": {"type": "integer", "description": "Unix time this service loaded the model."},
+                    "owned_by": {"type": "string"},
+                    "dimension": {"type": "integer", "minimum": 1},
+                    "max_sequence_length": {"type": "integer", "minimum": 1,
+                                            "description": "Tokens per window; longer inputs are chunked."},
+                },
+            }},
+        },
+    },
+}
+
+TEXT_EXAMPLE = "A cat sleeps on the sofa."
+
+PATHS: dict[str, Any] = {
+    "/health": {"get": operation(
+        "health", "liveness", "The process is up (no auth)", {"200": response("Alive.", ref("Liveness"))},
+        PUBLIC)},
+    "/health/ready": {"get": operation(
+        "health", "readiness", "The model is loaded and embeddings can be made (no auth)",
+        {"200": response("Ready.", ref("Readiness")),
+         "503": response("Loading or failed to load.", ref("Readiness"))}, PUBLIC)},
+    "/embeddings": {"post": operation(
+        "embeddings", "embed_text", "Embed one text",
+        {"200": response("The text's vector.", ref("Embeddings")), **errors("Error", 400, 401, 413, 503)},
+        PROTECTED, json_body("TextRequest", {"text": TEXT_EXAMPLE}))},
+    "/embeddings/batch": {"post": operation(
+        "embeddings", "embed_text_batch", "Embed several texts",
+        {"200": response("One [vector] per text, in input order.", ref("BatchEmbeddings")),
+         **errors("Error", 400, 401, 413, 503)},
+        PROTECTED, json_body("TextBatchRequest", {"texts": [TEXT_EXAMPLE, "The bank raised interest rates."]}))},
+    "/embeddings/image": {"post": operation(
+        "images", "embed_image", "Embed one image (CLIP models only)",
+        {"200": response("The image's vector.", ref("Embeddings")), **errors("Error", 400, 401, 413, 501, 503)},
+        PROTECTED,
+        {"required": True, "content": {
+            "application/json": {"schema": ref("ImageRequest")},
+            "multipart/form-data": {"schema": ref("ImageUpload")},
+        }},
+        "JPEG, PNG, WebP, GIF (first frame), BMP or TIFF, as base64, a data URI, or a multipart file field "
+        "named image.")},
+    "/embeddings/image/batch": {"post": operation(
+        "images", "embed_image_batch", "Embed several images (CLIP models only)",
+        {"200": response("One [vector] per image, in input order.", ref("BatchEmbeddings")),
+         **errors("Error", 400, 401, 413, 501, 503)},
+        PROTECTED, {"required": True, "content": json_content(ref("ImageBatchRequest"))})},
+    "/v1/embeddings": {"post": operation(
+        "openai", "create_embeddings", "OpenAI-compatible embeddings",
+        {"200": response("The vectors, in input order, with the tokens processed.", ref("CreateEmbeddingResponse")),
+         **errors("OpenAIError", 400, 401, 404, 413, 503)},
+        PROTECTED, json_body("CreateEmbeddingRequest", {"input": TEXT_EXAMPLE, "model": "all-MiniLM-L6-v2"}),
+        "Works with the official OpenAI clients: point base_url at <service>/v1.")},
+    "/v1/models": {"get": operation(
+        "openai", "list_models", "The served model, OpenAI-style",
+        {"200": response("The one model this service serves.", ref("ModelList")),
+         **errors("OpenAIError", 401, 503)}, PROTECTED)},
+    "/openapi.json": {"get": operation(
+        "docs", "openapi_document", "This document (no auth)",
+        {"200": response("OpenAPI 3.1 document.", {"type": "object"})}, PUBLIC)},
+    "/docs": {"get": operation(
+        "docs", "swagger_ui", "Interactive documentation (Swagger UI, no auth, works offline)",
+        {"200": {"description": "HTML page.", "content": {"text/html": {"schema": {"type": "string"}}}}}, PUBLIC)},
+    "/docs/{asset}": {"get": {
+        **operation("docs", "swagger_ui_asset", "Swagger UI's scripts and styles (no auth)",
+                    {"200": {"description": "The file.", "content": {"*/*": {"schema": {}}}},
+                     "404": {"description": "No such file.", "content": json_content(ref("Error"))}}, PUBLIC),
+        "parameters": [{"name": "asset", "in": "path", "required": True, "schema": {"type": "string"}}],
+    }},
+}
+
+
+def openapi_document() -> dict[str, Any]:
+    """A fresh copy of the document, so a caller may change it freely."""
+    return copy.deepcopy({
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Vector embedder",
+            "version": "1.0.0",
+            "description": "Text (and, with a CLIP model, image) embeddings over HTTP. Protected routes take "
+                           "the API key as the X-API-Key header or as Authorization: Bearer <key>.",
+        },
+        "tags": [
+            {"name": "embeddings", "description": "Text embeddings"},
+            {"name": "images", "description": "Image embeddings (CLIP models; 501 with a text-only model)"},
+            {"name": "openai", "description": "OpenAI-compatible API"},
+            {"name": "health", "description": "Liveness and readiness"},
+            {"name": "docs", "description": "This documentation"},
+        ],
+        "paths": PATHS,
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {
+                "ApiKeyAuth": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+                "BearerAuth": {"type": "http", "scheme": "bearer",
+                               "description": "The same API key, as the OpenAI clients send it."},
+            },
+        },
+    })
