@@ -266,7 +266,7 @@ def openapi_document() -> dict[str, Any]:
             "title": "Vector embedder",
             "version": "1.0.0",
             "description": "Text (and, with a CLIP model, image) embeddings over HTTP. Protected routes take "
-                           "the API key as the X-API-Key header or as Authorization: Bearer <key>.",
+                           "the API key as the `X-API-Key` header or as `Authorization: Bearer <key>`.",
         },
         "tags": [
             {"name": "embeddings", "description": "Text embeddings"},
