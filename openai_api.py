@@ -95,7 +95,7 @@ def is_token_id(value: Any) -> bool:
 def validate_input(value: Any) -> list[str] | list[list[int]]:
     """`input` as a list of texts or a list of token id lists, per OpenAI's four accepted shapes."""
     if isinstance(value, str):
-        return [validate_text(value, "input")]
+        return [validate_text_or_image(value, "input")]
     if not isinstance(value, list):
         raise ApiError(400, "input must be a string, an array of strings, an array of token ids or an array of "
                             f"arrays of token ids, got {json_type(value)}")
@@ -109,8 +109,13 @@ def validate_input(value: Any) -> list[str] | list[list[int]]:
     if all(isinstance(item, list) for item in value):
         return [validate_token_ids(item, f"input[{index}]") for index, item in enumerate(value)]
     if all(isinstance(item, str) for item in value):
-        return [validate_text(item, f"input[{index}]") for index, item in enumerate(value)]
+        return [validate_text_or_image(item, f"input[{index}]") for index, item in enumerate(value)]
     raise ApiError(400, "input mixes kinds of items: send all strings, all token ids or all arrays of token ids")
+
+
+def validate_text_or_image(value: str, where: str) -> str:
+    # Image data URIs are far longer than texts may be; split_images checks them against the image limits.
+    return value if is_image_data_uri(value) else validate_text(value, where)
 
 
 def validate_token_ids(value: list[Any], where: str) -> list[int]:

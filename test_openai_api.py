@@ -198,6 +198,8 @@ INVALID_BODIES = [
     ({"input": "hi", "model": MODEL, "dimensions": 385}, "dimensions", "384 components"),
     ({"input": ["hi", "data:image/png;base64,iVBORw0KGgo="], "model": MODEL}, "input",
      "input[1] is an image, but the model 'all-MiniLM-L6-v2' embeds text only"),
+    ({"input": "data:image/jpeg;base64," + "A" * 40_000, "model": MODEL}, "input",
+     "input[0] is an image, but the model 'all-MiniLM-L6-v2' embeds text only"),
 ]
 
 
@@ -281,3 +283,16 @@ def test_model_still_loading_is_503_with_retry_after(test_settings):
         assert answer.headers["Retry-After"] == "5"
     finally:
         live.stop()
+
+
+def test_a_model_served_from_a_folder_is_named_by_the_folder_not_its_path(server_with, tmp_path):
+    folder = tmp_path / "my-finetuned-model"
+    folder.mkdir()
+    live = server_with(embedding_model=str(folder))
+    models = requests.get(live.url + "/v1/models", headers=AUTH, timeout=10).json()
+    assert models["data"][0]["id"] == "my-finetuned-model"
+    for alias in ["my-finetuned-model", str(folder), "sentence-transformers/my-finetuned-model"]:
+        answer = post_v1(live, {"model": alias, "input": "hi"})
+        assert answer.status_code == 200 and answer.json()["model"] == "my-finetuned-model"
+    assert_envelope(post_v1(live, {"model": MODEL, "input": "hi"}), 404, "model", "model_not_found",
+                    "serves 'my-finetuned-model'")
