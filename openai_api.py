@@ -134,11 +134,6 @@ def validate_token_ids(value: list[Any], where: str) -> list[int]:
 
 # --- images (CLIP models) ---------------------------------------------------
 
-def service_supports_images() -> bool:
-    supports = getattr(embedding_service(), "supports_images", False)
-    return bool(supports() if callable(supports) else supports)
-
-
 def is_image_data_uri(item: Any) -> bool:
     return isinstance(item, str) and item[:len(IMAGE_DATA_URI_PREFIX)].lower() == IMAGE_DATA_URI_PREFIX
 
@@ -161,7 +156,7 @@ def decode_image_data_uri(uri: str, where: str) -> bytes:
 def split_images(items: list[str]) -> dict[int, bytes]:
     """The image items of a text input, by index; a 400 when the model takes no images."""
     image_indexes = [index for index, item in enumerate(items) if is_image_data_uri(item)]
-    if image_indexes and not service_supports_images():
+    if image_indexes and not embedding_service().supports_images():
         raise ApiError(400, f"input[{image_indexes[0]}] is an image, but the model "
                             f"{served_model_id(settings().embedding_model)!r} embeds text only")
     return {index: decode_image_data_uri(items[index], f"input[{index}]") for index in image_indexes}
@@ -185,9 +180,8 @@ def embed_input(items: list[str] | list[list[int]]) -> tuple[list[np.ndarray], i
         for index, vector in zip(text_indexes, result.vectors):
             vectors[index] = vector
     if images:
-        result = service.embed_images(list(images.values()))
-        token_count += getattr(result, "token_count", 0)
-        for index, vector in zip(images, result.vectors):
+        # Images count no tokens: usage is about text.
+        for index, vector in zip(images, service.embed_images(list(images.values()))):
             vectors[index] = vector
     return vectors, token_count
 

@@ -173,6 +173,12 @@ class EmbeddingService:
         """Tokens in one model window, special tokens included; longer texts are chunked."""
         return self._ready_text_embedder().max_seq_length
 
+    def supports_images(self) -> bool:
+        """True when the loaded model also embeds images (a CLIP model)."""
+        self._ready_text_embedder()
+        # The image embedder comes with the images work (issue 3); until then no model embeds images.
+        return getattr(self, "_images", None) is not None
+
     def stop(self) -> None:
         """Finish every accepted request, then stop the model thread."""
         if self._batcher is not None:
