@@ -298,7 +298,7 @@ def handle_not_ready(error: ModelNotReadyError):
 
 def handle_queue_full(error: QueueFullError):
     return error_response(429, f"The service is busy ({error}); retry in a moment",
-                          {"Retry-After": str(QUEUE_FULL_RETRY_AFTER)})
+                          {"Retry-After": str(QUEUE_FULL_RETRY_AFTER)}, code="server_busy")
 
 
 def handle_images_not_supported(error: ImagesNotSupportedError):

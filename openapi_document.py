@@ -39,13 +39,14 @@ def errors(error_schema: str, *statuses: int) -> dict[str, Any]:
         401: "Missing or invalid API key.",
         404: "Unknown model (code model_not_found).",
         413: "The body, a text or an image is over its limit (MAX_REQUEST_SIZE, MAX_TEXT_LENGTH, MAX_IMAGE_SIZE).",
+        429: "Too many requests already wait for the model (QUEUE_MAX); retry after Retry-After seconds.",
         501: "The served model embeds text only.",
         503: "The model is still loading (with Retry-After) or failed to load.",
     }
     answers: dict[str, Any] = {}
     for status in statuses:
-        headers = {"Retry-After": {"description": "Seconds to wait while the model loads.",
-                                   "schema": {"type": "integer"}}} if status == 503 else None
+        headers = {"Retry-After": {"description": "Seconds to wait before retrying.",
+                                   "schema": {"type": "integer"}}} if status in (429, 503) else None
         answers[str(status)] = response(meanings[status], ref(error_schema), headers)
     answers["default"] = response("Any other error (unknown route 404, wrong method 405, internal 500).",
                                   ref(error_schema))
@@ -83,7 +84,7 @@ SCHEMAS: dict[str, Any] = {
                 "param": {"type": ["string", "null"], "description": "The request field at fault."},
                 "code": {"type": ["string", "null"], "examples": [
                     "model_not_found", "invalid_api_key", "request_too_large", "model_loading",
-                    "model_load_failed", "not_found", "method_not_allowed", "internal_error"]},
+                    "model_load_failed", "server_busy", "not_found", "method_not_allowed", "internal_error"]},
             },
         }},
     },
@@ -211,12 +212,12 @@ PATHS: dict[str, Any] = {
          "503": response("Loading or failed to load.", ref("Readiness"))}, PUBLIC)},
     "/embeddings": {"post": operation(
         "embeddings", "embed_text", "Embed one text",
-        {"200": response("The text's vector.", ref("Embeddings")), **errors("Error", 400, 401, 413, 503)},
+        {"200": response("The text's vector.", ref("Embeddings")), **errors("Error", 400, 401, 413, 429, 503)},
         PROTECTED, json_body("TextRequest", {"text": TEXT_EXAMPLE}))},
     "/embeddings/batch": {"post": operation(
         "embeddings", "embed_text_batch", "Embed several texts",
         {"200": response("One [vector] per text, in input order.", ref("BatchEmbeddings")),
-         **errors("Error", 400, 401, 413, 503)},
+         **errors("Error", 400, 401, 413, 429, 503)},
         PROTECTED, json_body("TextBatchRequest", {"texts": [TEXT_EXAMPLE, "The bank raised interest rates."]}))},
     "/embeddings/image": {"post": operation(
         "images", "embed_image", "Embed one image (CLIP models only)",
@@ -236,7 +237,7 @@ PATHS: dict[str, Any] = {
     "/v1/embeddings": {"post": operation(
         "openai", "create_embeddings", "OpenAI-compatible embeddings",
         {"200": response("The vectors, in input order, with the tokens processed.", ref("CreateEmbeddingResponse")),
-         **errors("OpenAIError", 400, 401, 404, 413, 503)},
+         **errors("OpenAIError", 400, 401, 404, 413, 429, 503)},
         PROTECTED, json_body("CreateEmbeddingRequest", {"input": TEXT_EXAMPLE, "model": "all-MiniLM-L6-v2"}),
         "Works with the official OpenAI clients: point base_url at <service>/v1.")},
     "/v1/models": {"get": operation(
