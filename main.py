@@ -271,7 +271,8 @@ def is_openai_route() -> bool:
 
 def openai_error(status: int, message: str, param: str | None, code: str | None) -> dict[str, Any]:
     """OpenAI's error envelope; clients built on the OpenAI SDK read `message` from it."""
-    kind = "server_error" if status >= 500 else "invalid_request_error"
+    # 429 is the server being busy, not the request being wrong.
+    kind = "server_error" if status >= 500 or status == 429 else "invalid_request_error"
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 

@@ -9,6 +9,7 @@ import openai
 import pytest
 import requests
 
+from batcher import QueueFullError
 from conftest import TEST_API_KEY, start_live_server
 from main import create_app
 from service import EmbeddingService
@@ -160,7 +161,7 @@ def assert_envelope(answer, status: int, param: str | None = None, code: str | N
     assert answer.status_code == status, answer.text
     error = answer.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
-    assert error["type"] == ("server_error" if status >= 500 else "invalid_request_error")
+    assert error["type"] == ("server_error" if status in (429, 500, 503) else "invalid_request_error")
     assert error["param"] == param
     assert error["code"] == code
     assert says.lower() in error["message"].lower()
@@ -296,3 +297,13 @@ def test_a_model_served_from_a_folder_is_named_by_the_folder_not_its_path(server
         assert answer.status_code == 200 and answer.json()["model"] == "my-finetuned-model"
     assert_envelope(post_v1(live, {"model": MODEL, "input": "hi"}), 404, "model", "model_not_found",
                     "serves 'my-finetuned-model'")
+
+
+def test_queue_full_is_429_with_retry_after(server, loaded_service, monkeypatch):
+    def refuse(windows):
+        raise QueueFullError("32 requests are already waiting for the model")
+
+    monkeypatch.setattr(loaded_service._batcher, "encode", refuse)  # inject the overload
+    answer = post_v1(server, {"model": MODEL, "input": "hi"})
+    assert_envelope(answer, 429, None, "server_busy", "busy")
+    assert answer.headers["Retry-After"] == "1"
