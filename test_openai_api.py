@@ -307,3 +307,13 @@ def test_queue_full_is_429_with_retry_after(server, loaded_service, monkeypatch)
     answer = post_v1(server, {"model": MODEL, "input": "hi"})
     assert_envelope(answer, 429, None, "server_busy", "busy")
     assert answer.headers["Retry-After"] == "1"
+
+
+def test_unexpected_failure_is_500_in_the_envelope(server, loaded_service, monkeypatch):
+    def break_down(texts):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(loaded_service, "embed_texts", break_down)  # inject a failure
+    error = assert_envelope(post_v1(server, {"model": MODEL, "input": "hi"}), 500, None, "internal_error",
+                            "internal error")
+    assert "disk on fire" not in error["message"]
