@@ -8,7 +8,6 @@ it for every path under /v1).
 from __future__ import annotations
 
 import base64
-import binascii
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -16,8 +15,10 @@ from typing import Any, Iterator
 import numpy as np
 from flask import Blueprint, jsonify
 
-from main import (ApiError, embedding_service, json_type, read_json_object, require_api_key, require_field,
-                  settings, validate_text)
+from image_embeddings import ImageInputError
+from main import (ApiError, embedding_service, image_errors, json_type, read_json_object, require_api_key,
+                  require_field, settings, validate_image_string, validate_text)
+from observability import count_work
 from model_locator import hub_id
 
 openai_api = Blueprint("openai", __name__)
@@ -138,32 +139,25 @@ def is_image_data_uri(item: Any) -> bool:
     return isinstance(item, str) and item[:len(IMAGE_DATA_URI_PREFIX)].lower() == IMAGE_DATA_URI_PREFIX
 
 
-def decode_image_data_uri(uri: str, where: str) -> bytes:
-    """The image bytes of a `data:image/<type>;base64,<data>` URI, within MAX_IMAGE_SIZE.
-
-    A stand-in until the image work (issue 3) is merged: then main.validate_image_string
-    replaces it (merge/openai_api-images.patch).
-    """
-    header, comma, data = uri.partition(",")
-    if not comma or not header.lower().endswith(";base64"):
-        raise ApiError(400, f"{where} is an image data URI without base64 data: "
-                            "send data:image/<type>;base64,<data>")
-    limit = settings().max_image_size
-    if len(data) * 3 // 4 > limit:
-        raise ApiError(413, f"{where} holds an image larger than the limit of {limit} bytes (MAX_IMAGE_SIZE)")
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise ApiError(400, f"{where} is an image data URI whose data is not valid base64") from None
-
-
 def split_images(items: list[str]) -> dict[int, bytes]:
     """The image items of a text input, by index; a 400 when the model takes no images."""
     image_indexes = [index for index, item in enumerate(items) if is_image_data_uri(item)]
     if image_indexes and not embedding_service().supports_images():
         raise ApiError(400, f"input[{image_indexes[0]}] is an image, but the model "
                             f"{served_model_id(settings().embedding_model)!r} embeds text only")
-    return {index: decode_image_data_uri(items[index], f"input[{index}]") for index in image_indexes}
+    return {index: validate_image_string(items[index], f"input[{index}]") for index in image_indexes}
+
+
+def embed_image_items(images: dict[int, bytes]) -> list[np.ndarray]:
+    """One vector per image item; an unusable image is a 400/413 naming its place in input."""
+    positions = list(images)
+    with image_errors("input", in_batch=True):
+        try:
+            return embedding_service().embed_images(list(images.values()))
+        except ImageInputError as error:
+            # The service numbers the images alone; the client needs the item's place among all inputs.
+            error.index = positions[error.index] if error.index is not None else None
+            raise
 
 
 # --- embedding --------------------------------------------------------------
@@ -173,6 +167,7 @@ def embed_input(items: list[str] | list[list[int]]) -> tuple[list[np.ndarray], i
     service = embedding_service()
     if items and isinstance(items[0], list):
         result = service.embed_token_ids(items)
+        count_work(tokens=result.token_count)
         return result.vectors, result.token_count
     images = split_images(items)
     text_indexes = [index for index in range(len(items)) if index not in images]
@@ -181,12 +176,14 @@ def embed_input(items: list[str] | list[list[int]]) -> tuple[list[np.ndarray], i
     if text_indexes:
         result = service.embed_texts([items[index] for index in text_indexes])
         token_count += result.token_count
+        count_work(tokens=result.token_count)
         for index, vector in zip(text_indexes, result.vectors):
             vectors[index] = vector
     if images:
         # Images count no tokens: usage is about text.
-        for index, vector in zip(images, service.embed_images(list(images.values()))):
+        for index, vector in zip(images, embed_image_items(images)):
             vectors[index] = vector
+        count_work(images=len(images))
     return vectors, token_count
 
 

@@ -118,7 +118,9 @@ SCHEMAS: dict[str, Any] = {
     },
     "ImageUpload": {
         "type": "object", "required": ["image"],
-        "properties": {"image": {"type": "string", "format": "binary", "contentMediaType": "image/*"}},
+        # OpenAPI 3.1 describes a file part by its media type alone: its value is bytes, not a string.
+        "properties": {"image": {"contentMediaType": "application/octet-stream",
+                                 "description": "The image file (JPEG, PNG, WebP, GIF, BMP or TIFF)."}},
     },
     "ImageBatchRequest": {
         "type": "object", "required": ["images"],
@@ -221,7 +223,8 @@ PATHS: dict[str, Any] = {
         PROTECTED, json_body("TextBatchRequest", {"texts": [TEXT_EXAMPLE, "The bank raised interest rates."]}))},
     "/embeddings/image": {"post": operation(
         "images", "embed_image", "Embed one image (CLIP models only)",
-        {"200": response("The image's vector.", ref("Embeddings")), **errors("Error", 400, 401, 413, 501, 503)},
+        {"200": response("The image's vector.", ref("Embeddings")),
+         **errors("Error", 400, 401, 413, 429, 501, 503)},
         PROTECTED,
         {"required": True, "content": {
             "application/json": {"schema": ref("ImageRequest")},
@@ -232,7 +235,7 @@ PATHS: dict[str, Any] = {
     "/embeddings/image/batch": {"post": operation(
         "images", "embed_image_batch", "Embed several images (CLIP models only)",
         {"200": response("One [vector] per image, in input order.", ref("BatchEmbeddings")),
-         **errors("Error", 400, 401, 413, 501, 503)},
+         **errors("Error", 400, 401, 413, 429, 501, 503)},
         PROTECTED, {"required": True, "content": json_content(ref("ImageBatchRequest"))})},
     "/v1/embeddings": {"post": operation(
         "openai", "create_embeddings", "OpenAI-compatible embeddings",
@@ -244,6 +247,11 @@ PATHS: dict[str, Any] = {
         "openai", "list_models", "The served model, OpenAI-style",
         {"200": response("The one model this service serves.", ref("ModelList")),
          **errors("OpenAIError", 401, 503)}, PROTECTED)},
+    "/metrics": {"get": operation(
+        "health", "metrics", "Prometheus metrics (key needed unless METRICS_PUBLIC=true)",
+        {"200": {"description": "Prometheus text exposition format.",
+                 "content": {"text/plain": {"schema": {"type": "string"}}}},
+         **errors("Error", 401)}, PROTECTED)},
     "/openapi.json": {"get": operation(
         "docs", "openapi_document", "This document (no auth)",
         {"200": response("OpenAPI 3.1 document.", {"type": "object"})}, PUBLIC)},
@@ -273,7 +281,7 @@ def openapi_document() -> dict[str, Any]:
             {"name": "embeddings", "description": "Text embeddings"},
             {"name": "images", "description": "Image embeddings (CLIP models; 501 with a text-only model)"},
             {"name": "openai", "description": "OpenAI-compatible API"},
-            {"name": "health", "description": "Liveness and readiness"},
+            {"name": "health", "description": "Liveness, readiness and metrics"},
             {"name": "docs", "description": "This documentation"},
         ],
         "paths": PATHS,

@@ -176,8 +176,7 @@ class EmbeddingService:
     def supports_images(self) -> bool:
         """True when the loaded model also embeds images (a CLIP model)."""
         self._ready_text_embedder()
-        # The image embedder comes with the images work (issue 3); until then no model embeds images.
-        return getattr(self, "_images", None) is not None
+        return self._images is not None
 
     def stop(self) -> None:
         """Finish every accepted request, then stop the model thread."""

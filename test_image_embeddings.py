@@ -537,3 +537,38 @@ def test_image_overload_gets_429_and_accepted_images_are_correct(clip_settings, 
             expected = clip_model.encode([image])[0]
             np.testing.assert_allclose(future.result(30)[0], expected, atol=1e-5)
     assert len(service.embed_images([encoded(images[4])])) == 1
+
+
+# --- the OpenAI-compatible route with a CLIP model (issue 6) -------------------
+
+def openai_embed(server, items, **fields) -> requests.Response:
+    served = requests.get(server.url + "/v1/models", headers=HEADERS, timeout=10).json()["data"][0]["id"]
+    return requests.post(server.url + "/v1/embeddings", headers=HEADERS, timeout=60,
+                         json={"model": served, "input": items, **fields})
+
+
+def test_openai_route_embeds_image_data_uris_and_texts_in_one_space(clip_server):
+    red_square = "data:image/png;base64," + b64(encoded(Image.new("RGB", (40, 40), (220, 30, 30))))
+    picture = "data:image/jpeg;base64," + b64(encoded(two_colour_image(), "JPEG"))
+    answer = openai_embed(clip_server, ["a red square", red_square, picture], encoding_format="float")
+    assert answer.status_code == 200, answer.text
+    vectors = [np.array(item["embedding"], dtype=np.float32) for item in answer.json()["data"]]
+    np.testing.assert_allclose(vectors[1], embed_image(clip_server, red_square), atol=1e-6)
+    np.testing.assert_allclose(vectors[2], embed_image(clip_server, picture), atol=1e-6)
+    text_only = post(clip_server, "/embeddings", json={"text": "a red square"}).json()["embeddings"][0]
+    np.testing.assert_allclose(vectors[0], text_only, atol=1e-6)
+    assert len({len(vector) for vector in vectors}) == 1
+    # Images count no tokens: usage is the text's tokens alone.
+    text_usage = openai_embed(clip_server, "a red square").json()["usage"]
+    assert answer.json()["usage"] == text_usage
+
+
+def test_openai_route_names_the_unusable_image_by_its_place_in_input(clip_server):
+    good = "data:image/png;base64," + b64(encoded(Image.new("RGB", (40, 40), (220, 30, 30))))
+    not_an_image = "data:image/png;base64," + b64(b"this is not a picture at all")
+    answer = openai_embed(clip_server, ["some text", good, not_an_image])
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["message"].startswith("input[2] ") and error["param"] == "input"
+    bad_base64 = openai_embed(clip_server, ["data:image/png;base64,@@@@"])
+    assert bad_base64.status_code == 400 and bad_base64.json()["error"]["message"].startswith("input[0]")

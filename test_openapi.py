@@ -1,6 +1,7 @@
 """GET /openapi.json describes exactly the app's routes, and real answers validate against it."""
 from __future__ import annotations
 
+import base64
 import re
 
 import pytest
@@ -8,15 +9,15 @@ import requests
 from openapi_core import OpenAPI
 from openapi_core.contrib.requests import RequestsOpenAPIRequest, RequestsOpenAPIResponse
 
-from conftest import TEST_API_KEY, start_live_server
+from config import Settings
+from conftest import MODEL_LOAD_TIMEOUT, TEST_API_KEY, start_live_server
 from main import create_app
 from service import EmbeddingService
+from test_image_embeddings import write_tiny_clip
 
 AUTH = {"X-API-Key": TEST_API_KEY}
 BEARER = {"Authorization": f"Bearer {TEST_API_KEY}"}
 MODEL = "all-MiniLM-L6-v2"
-# The image routes come with the images work (issue 3); until the app has them they may be documented only.
-IMAGE_PATHS = {"/embeddings/image", "/embeddings/image/batch"}
 IGNORED_METHODS = {"HEAD", "OPTIONS"}
 PIXEL_PNG = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC")
 
@@ -58,8 +59,7 @@ def test_every_route_is_documented_and_every_documented_route_exists(document, t
     app = create_app(test_settings, loaded_service)
     in_app, in_document = operations_of_app(app), operations_of_document(document)
     assert in_app - in_document == set(), "routes missing from openapi_document.py"
-    pending_images = {(path, "POST") for path in IMAGE_PATHS} - in_app
-    assert in_document - in_app - pending_images == set(), "documented routes the app does not have"
+    assert in_document - in_app == set(), "documented routes the app does not have"
 
 
 def test_protected_routes_say_so_and_public_ones_do_not(document):
@@ -95,6 +95,7 @@ VALID_CALLS = [
     ("POST", "/v1/embeddings", {"json": {"model": MODEL, "input": [[101, 7592], [2088]], "dimensions": 8,
                                          "encoding_format": "base64", "user": "u1"}, "headers": AUTH}, 200),
     ("GET", "/v1/models", {"headers": AUTH}, 200),
+    ("GET", "/metrics", {"headers": BEARER}, 200),
 ]
 
 INVALID_CALLS = [
@@ -108,6 +109,7 @@ INVALID_CALLS = [
     ("POST", "/v1/embeddings", {"json": {"model": MODEL, "input": "hi"}}, 401),
     ("POST", "/v1/embeddings", {"json": {"model": MODEL, "input": "x" * 30_000}, "headers": AUTH}, 413),
     ("GET", "/v1/models", {}, 401),
+    ("GET", "/metrics", {}, 401),
 ]
 
 
@@ -125,13 +127,43 @@ def test_error_answers_match_the_document(server, openapi, method, path, kwargs,
     check(openapi, answer, request_is_valid=False)
 
 
-def test_image_routes_answer_as_documented_when_the_app_has_them(server, openapi):
-    for path, body in [("/embeddings/image", {"image": PIXEL_PNG}), ("/embeddings/image/batch",
-                                                                     {"images": [PIXEL_PNG]})]:
-        answer = call(server.url, "POST", path, json=body, headers=AUTH)
-        if answer.status_code == 404:
-            pytest.skip("this app has no image routes yet (issue 3)")
-        check(openapi, answer, request_is_valid=True)
+@pytest.fixture(scope="module")
+def clip_server(tmp_path_factory):
+    """A server on the tiny random-weight CLIP that test_image_embeddings.py builds."""
+    folder = write_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
+    clip_settings = Settings(api_keys=(TEST_API_KEY,), embedding_model=str(folder))
+    service = EmbeddingService(clip_settings)
+    service.start_loading()
+    assert service.wait_until_loaded(MODEL_LOAD_TIMEOUT), service.readiness()
+    live = start_live_server(create_app(clip_settings, service))
+    yield live
+    live.stop()
+    service.stop()
+
+
+IMAGE_CALLS = [
+    ("/embeddings/image", {"json": {"image": PIXEL_PNG}}),
+    ("/embeddings/image", {"json": {"image": "data:image/png;base64," + PIXEL_PNG}}),
+    ("/embeddings/image", {"files": {"image": ("pixel.png", base64.b64decode(PIXEL_PNG), "image/png")}}),
+    ("/embeddings/image/batch", {"json": {"images": [PIXEL_PNG, PIXEL_PNG]}}),
+]
+
+
+@pytest.mark.parametrize("path, kwargs", IMAGE_CALLS)
+def test_image_calls_and_their_answers_match_the_document(clip_server, server, openapi, path, kwargs):
+    answer = call(clip_server.url, "POST", path, headers=AUTH, **kwargs)
+    assert answer.status_code == 200, answer.text
+    check(openapi, answer, request_is_valid=True)
+    text_only = call(server.url, "POST", path, headers=AUTH, **kwargs)
+    assert text_only.status_code == 501, text_only.text
+    check(openapi, text_only, request_is_valid=True)
+
+
+def test_image_errors_match_the_document(clip_server, openapi):
+    for body in [{"image": "not base64 @@"}, {"image": 7}]:
+        answer = call(clip_server.url, "POST", "/embeddings/image", json=body, headers=AUTH)
+        assert answer.status_code == 400, answer.text
+        check(openapi, answer, request_is_valid=False)
 
 
 def test_model_not_ready_answers_match_the_document(test_settings, openapi):
