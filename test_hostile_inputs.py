@@ -19,7 +19,8 @@ from conftest import MODEL_LOAD_TIMEOUT, TEST_API_KEY, start_live_server
 from config import Settings
 from main import create_app
 from service import EmbeddingService
-from test_image_embeddings import encoded, png_header_only, write_tiny_clip
+from test_image_embeddings import encoded, png_header_only
+from tiny_clip import write_tiny_clip
 
 JSON = {"Content-Type": "application/json"}
 MAX_REQUEST_SIZE = 4 * 1024 * 1024

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import os
 import resource
 import struct
@@ -25,15 +24,11 @@ import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
-import torch
 from PIL import Image, ImageOps
-from tokenizers import pre_tokenizers
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
 from conftest import MODEL_LOAD_TIMEOUT, TEST_API_KEY, start_live_server
 from config import Settings, SettingsError, load_settings
@@ -42,9 +37,8 @@ from main import create_app
 from model_locator import ModelNotFoundError, locate_model
 from batcher import QueueFullError
 from service import EmbeddingService
+from tiny_clip import TINY_DIMENSION, write_tiny_clip
 
-TINY_IMAGE_SIZE = 32
-TINY_DIMENSION = 16
 HEADERS = {"X-API-Key": TEST_API_KEY}
 # Small limits for the server that checks the size errors.
 SMALL_IMAGE_SIZE = 2000
@@ -54,42 +48,6 @@ ignore_bomb_warning = pytest.mark.filterwarnings("ignore::PIL.Image.Decompressio
 
 
 # --- the tiny CLIP ------------------------------------------------------------
-
-def write_tiny_clip(folder: Path) -> Path:
-    """A random-weight CLIP in the on-disk layout of sentence-transformers/clip-ViT-B-32."""
-    module = folder / "0_CLIPModel"
-    module.mkdir(parents=True)
-    # Byte-level BPE: every byte symbol alone and at the end of a word, a few merges, then
-    # CLIP's special tokens last, as in the real vocabulary (its end token has the highest id).
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    merges = [("r", "e"), ("re", "d</w>"), ("b", "l"), ("bl", "u"), ("blu", "e</w>")]
-    tokens = alphabet + [symbol + "</w>" for symbol in alphabet] + [a + b for a, b in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    (module / "vocab.json").write_text(json.dumps({token: index for index, token in enumerate(tokens)}))
-    (module / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    CLIPTokenizer.from_pretrained(str(module), model_max_length=77).save_pretrained(str(module))
-    CLIPImageProcessor(size={"shortest_edge": TINY_IMAGE_SIZE},
-                       crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}).save_pretrained(str(module))
-    config = CLIPConfig(
-        # eos_token_id=2 is what the real clip-ViT-B-32 config says (the text tower then pools at the
-        # highest token id, the end token); pad id 1 and bos id 0 are its values too.
-        text_config=dict(vocab_size=len(tokens), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=77,
-                         bos_token_id=0, pad_token_id=1, eos_token_id=2),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=TINY_IMAGE_SIZE, patch_size=8),
-        projection_dim=TINY_DIMENSION,
-    )
-    torch.manual_seed(1234)
-    model = CLIPModel(config)
-    config.save_pretrained(str(module))
-    torch.save(model.state_dict(), module / "pytorch_model.bin")
-    (folder / "modules.json").write_text(json.dumps(
-        [{"idx": 0, "name": "0", "path": "0_CLIPModel", "type": "sentence_transformers.models.CLIPModel"}]))
-    (folder / "config_sentence_transformers.json").write_text(json.dumps(
-        {"__version__": {"sentence_transformers": "2.0.0"}}))
-    return folder
-
 
 @pytest.fixture(scope="module")
 def clip_settings(tmp_path_factory) -> Settings:

@@ -13,7 +13,7 @@ from config import Settings
 from conftest import MODEL_LOAD_TIMEOUT, TEST_API_KEY, start_live_server
 from main import create_app
 from service import EmbeddingService
-from test_image_embeddings import write_tiny_clip
+from tiny_clip import write_tiny_clip
 
 AUTH = {"X-API-Key": TEST_API_KEY}
 BEARER = {"Authorization": f"Bearer {TEST_API_KEY}"}
