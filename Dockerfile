@@ -30,7 +30,7 @@ RUN set -eu; \
     if [ -z "$TORCH_INDEX_URL" ] && ! ls wheels/torch-2.13.0*.whl >/dev/null 2>&1; then \
         echo "TORCH_INDEX_URL is empty and wheels/ holds no torch 2.13.0 wheel" >&2; exit 1; \
     fi; \
-    pip install --find-links wheels ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} torch==2.13.0; \
+    PIP_EXTRA_INDEX_URL="$TORCH_INDEX_URL" pip install --find-links wheels torch==2.13.0; \
     python -c "import torch, sys; sys.exit('torch is a CUDA build' if torch.version.cuda else 0)"; \
     pip install --find-links wheels -r requirements.txt
 
@@ -38,8 +38,12 @@ FROM builder AS models
 # Upstream's documented default model; any sentence-transformers model name,
 # hub id or folder works, e.g. all-MiniLM-L6-v2, all-mpnet-base-v2,
 # paraphrase-multilingual-MiniLM-L12-v2, or clip-ViT-L-14 with TOKENIZER_MODEL empty.
+# hadolint reads TOKEN in these names as a secret (DL3064); they are model names.
+# hadolint ignore=DL3064
 ARG EMBEDDING_MODEL=multi-qa-MiniLM-L6-cos-v1
+# hadolint ignore=DL3064
 ARG TOKENIZER_MODEL=sentence-transformers/multi-qa-MiniLM-L6-cos-v1
+# hadolint ignore=DL3064
 ENV MODELS_DIR=/models \
     EMBEDDING_MODEL=${EMBEDDING_MODEL} \
     TOKENIZER_MODEL=${TOKENIZER_MODEL}
@@ -48,8 +52,11 @@ COPY config.py model_locator.py embeddings.py download_models.py ./
 RUN python download_models.py
 
 FROM ${PYTHON_IMAGE} AS runtime
+# hadolint ignore=DL3064
 ARG EMBEDDING_MODEL=multi-qa-MiniLM-L6-cos-v1
+# hadolint ignore=DL3064
 ARG TOKENIZER_MODEL=sentence-transformers/multi-qa-MiniLM-L6-cos-v1
+# hadolint ignore=DL3064
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

@@ -26,3 +26,7 @@ threads = 8
 timeout = 120
 graceful_timeout = 30
 accesslog = "-"
+# gunicorn 25+ opens a control socket for `gunicornc` under $XDG_RUNTIME_DIR or
+# $HOME/.gunicorn; the service does not use it, and the container's numeric
+# user has no writable home, so it is off.
+control_socket_disable = True

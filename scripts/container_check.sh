@@ -154,7 +154,9 @@ remove_container() {
 start_container() {
     log "Starting $CONTAINER on 127.0.0.1:$PORT (slirp4netns)"
     trap remove_container EXIT
-    podman run --detach --name "$CONTAINER" \
+    # --read-only as in the Kubernetes Deployment (podman mounts a tmpfs on /tmp);
+    # the image's HEALTHCHECK needs systemd timers under podman, which this machine lacks.
+    podman run --detach --name "$CONTAINER" --read-only --no-healthcheck \
         --network=slirp4netns -p "127.0.0.1:$PORT:$PORT" \
         -e PORT="$PORT" -e VECTOR_EMBEDDER_API_KEY \
         "$IMAGE" >/dev/null
@@ -203,7 +205,20 @@ EOF
         podman logs "$CONTAINER" || true
         return 1
     fi
-    log "Container answered in $((SECONDS - started))s after start; user $(podman exec "$CONTAINER" id -u)"
+    log "Container answered in $((SECONDS - started))s after start"
+    report_container
+}
+
+report_container() {
+    local logs memory_kb
+    logs=$(podman logs "$CONTAINER" 2>&1)
+    printf '%s\n' "$logs" | grep -E "Listening at|Booting worker|ready in" || true
+    if printf '%s\n' "$logs" | grep -E "Traceback|Failed to start control socket|ERROR"; then
+        echo "the container logged errors (above)" >&2
+        return 1
+    fi
+    memory_kb=$(podman exec "$CONTAINER" sh -c 'cat /proc/[0-9]*/status' | awk '/^VmRSS:/ {sum += $2} END {print sum}')
+    echo "user $(podman exec "$CONTAINER" id -u), resident memory of all processes $((memory_kb / 1024)) MB"
 }
 
 run_phase() {
@@ -224,15 +239,22 @@ main() {
         VECTOR_EMBEDDER_API_KEY=$(python3 -c 'import secrets; print(secrets.token_urlsafe(24))')
     fi
     export VECTOR_EMBEDDER_API_KEY
-    local started=$SECONDS
+    local started=$SECONDS phase_started
     install_tools
     write_podman_config
+    phase_started=$SECONDS
     build_base_image
+    local base_seconds=$((SECONDS - phase_started))
     fetch_torch_wheel
     build_image
     unshare -m --propagation private "$BASH" "${BASH_SOURCE[0]}" --run-phase
-    log "Container check passed in $((SECONDS - started))s (image build ${BUILD_SECONDS}s)"
+    if [ -n "$(podman ps --all --quiet --filter "name=$CONTAINER")" ]; then
+        echo "container $CONTAINER was left behind" >&2
+        exit 1
+    fi
+    log "Container check passed in $((SECONDS - started))s (base image ${base_seconds}s, image build ${BUILD_SECONDS}s)"
     if [ "$clean" = yes ]; then
+        podman system reset --force
         rm -rf "$WORK"
     fi
 }
