@@ -217,6 +217,10 @@ report_container() {
         echo "the container logged errors (above)" >&2
         return 1
     fi
+    if podman exec "$CONTAINER" ls /app | grep -E '^(test_.*|conftest)\.py$'; then
+        echo "tests were copied into the image (above): check .dockerignore" >&2
+        return 1
+    fi
     memory_kb=$(podman exec "$CONTAINER" sh -c 'cat /proc/[0-9]*/status' | awk '/^VmRSS:/ {sum += $2} END {print sum}')
     echo "user $(podman exec "$CONTAINER" id -u), resident memory of all processes $((memory_kb / 1024)) MB"
 }
