@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import shutil
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from config import Settings, SettingsError, load_settings
 from model_locator import ModelLocation, ModelNotFoundError, baked_model_dir, locate_model
@@ -66,7 +66,7 @@ def bake_tokenizer(settings: Settings, name: str, allow_download: bool, model: S
     target = baked_model_dir(settings.models_dir, name)
     if _is_baked(target):
         # Usually the embedding model's own folder: its tokenizer came with it.
-        _verify_tokenizer(settings, name, model)
+        _verify_tokenizer(settings, target, model)
         print(f"{name}: tokenizer already baked in {target}")
         return target
     location = _locate(name, settings, allow_download)
@@ -76,7 +76,7 @@ def bake_tokenizer(settings: Settings, name: str, allow_download: bool, model: S
             shutil.copytree(location.path, staging, dirs_exist_ok=True)
         else:
             _download_tokenizer(location.path, staging)
-    _verify_tokenizer(settings, name, model)
+        _verify_tokenizer(settings, staging, model)
     print(f"{name}: tokenizer baked into {target}")
     return target
 
@@ -93,70 +93,44 @@ def _locate(name: str, settings: Settings, allow_download: bool) -> ModelLocatio
         raise BakeError(str(error)) from None
 
 
-class _staging_folder:
+@contextmanager
+def _staging_folder(target: Path) -> Iterator[Path]:
     """A sibling folder to fill; renamed to the target only when everything in it worked."""
-
-    def __init__(self, target: Path) -> None:
-        self.target = target
-
-    def __enter__(self) -> Path:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", dir=self.target.parent))
-        return self.path
-
-    def __exit__(self, error_type, error, traceback) -> None:
-        if error_type is None:
-            self.path.rename(self.target)
-        else:
-            shutil.rmtree(self.path, ignore_errors=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    staging.rename(target)
 
 
 def _download_model(settings: Settings, name: str, folder: Path) -> None:
     """Download through the service's loader (huggingface_hub shows progress bars), then save the model alone."""
     from embeddings import load_model  # torch loads only when a model is really needed
 
-    with _hub_cache_outside(folder):
-        try:
-            model = load_model(replace(settings, embedding_model=name, tokenizer_model=None,
-                                       allow_model_download=True))
-        except OSError as error:
-            raise BakeError(f"model {name!r} is not on this machine, and downloading it from the model hub "
-                            f"failed (is the name right, and does the build have network?): {error}") from None
-        model.save(str(folder))
+    # The hub's cache stays behind in the build stage; only the saved folder goes into the image.
+    try:
+        model = load_model(replace(settings, embedding_model=name, tokenizer_model=None, allow_model_download=True))
+    except OSError as error:
+        raise BakeError(f"model {name!r} is not on this machine, and downloading it from the model hub "
+                        f"failed (is the name right, and does the build have network?): {error}") from None
+    model.save(str(folder))
 
 
 def _download_tokenizer(hub_name: str, folder: Path) -> None:
     from transformers import AutoConfig, AutoTokenizer
 
-    with _hub_cache_outside(folder):
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(hub_name)
-            # config.json marks the folder as baked for locate_model and tells AutoTokenizer the model type.
-            config = AutoConfig.from_pretrained(hub_name)
-        except OSError as error:
-            raise BakeError(f"tokenizer {hub_name!r} is not on this machine, and downloading it from the model "
-                            f"hub failed (is the name right, and does the build have network?): {error}") from None
-        tokenizer.save_pretrained(str(folder))
-        config.save_pretrained(str(folder))
-
-
-class _hub_cache_outside:
-    """Point the hub cache at a throw-away folder so the image keeps only the baked copy."""
-
-    def __init__(self, folder: Path) -> None:
-        self.cache = Path(tempfile.mkdtemp(prefix=".hub-cache.", dir=folder.parent))
-
-    def __enter__(self) -> Path:
-        self.previous = os.environ.get("HF_HUB_CACHE")
-        os.environ["HF_HUB_CACHE"] = str(self.cache)
-        return self.cache
-
-    def __exit__(self, *exc_info) -> None:
-        if self.previous is None:
-            os.environ.pop("HF_HUB_CACHE", None)
-        else:
-            os.environ["HF_HUB_CACHE"] = self.previous
-        shutil.rmtree(self.cache, ignore_errors=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(hub_name)
+        # config.json marks the folder as baked for locate_model and tells AutoTokenizer the model type.
+        config = AutoConfig.from_pretrained(hub_name)
+    except OSError as error:
+        raise BakeError(f"tokenizer {hub_name!r} is not on this machine, and downloading it from the model "
+                        f"hub failed (is the name right, and does the build have network?): {error}") from None
+    tokenizer.save_pretrained(str(folder))
+    config.save_pretrained(str(folder))
 
 
 def _verify_model(settings: Settings, folder: Path) -> SentenceTransformer:
@@ -181,14 +155,14 @@ def _check_vector(vector: Sequence[float], what: str) -> None:
     print(f"  verified: one {what} gives a vector of {len(values)} numbers")
 
 
-def _verify_tokenizer(settings: Settings, name: str, model: SentenceTransformer) -> None:
-    """Load the tokenizer as the service does, offline, which also checks that it fits the model."""
+def _verify_tokenizer(settings: Settings, folder: Path, model: SentenceTransformer) -> None:
+    """Load the tokenizer folder as the service does, offline, which also checks that it fits the model."""
     from embeddings import load_tokenizer
 
-    tokenizer = load_tokenizer(replace(settings, tokenizer_model=name, allow_model_download=False), model)
+    tokenizer = load_tokenizer(replace(settings, tokenizer_model=str(folder), allow_model_download=False), model)
     if not tokenizer(VERIFY_TEXT)["input_ids"]:
-        raise BakeError(f"tokenizer {name!r} turns a sentence into no tokens")
-    print(f"  verified: tokenizer {name} loads offline and fits the model")
+        raise BakeError(f"the tokenizer in {folder} turns a sentence into no tokens")
+    print("  verified: the tokenizer loads offline and fits the model")
 
 
 def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:

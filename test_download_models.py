@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 import download_models
 from config import Settings
 from conftest import MODEL_LOAD_TIMEOUT, TEST_API_KEY
+from embeddings import load_tokenizer
 from model_locator import baked_model_dir, locate_model
 from service import EmbeddingService
 
@@ -49,7 +51,7 @@ def test_bakes_the_bundled_model_and_its_tokenizer(bake_environment, monkeypatch
     output = capsys.readouterr().out
     assert "found in installed package" in output
     assert "verified: one text gives a vector of 384 numbers" in output
-    assert "tokenizer sentence-transformers/all-MiniLM-L6-v2 loads offline and fits the model" in output
+    assert "verified: the tokenizer loads offline and fits the model" in output
     # Nothing but the baked folder is left behind: no staging folder, no hub cache.
     assert [path.name for path in bake_environment.iterdir()] == [baked.name]
 
@@ -119,3 +121,22 @@ def test_a_bad_setting_exits_with_the_variable_named(bake_environment, monkeypat
     assert download_models.main(["--no-download"]) == 2
 
     assert "MAX_BATCH_SIZE must be a whole number" in capsys.readouterr().err
+
+
+def test_a_tokenizer_folder_is_baked_and_found_once_the_folder_is_gone(
+        bake_environment, monkeypatch, tmp_path, loaded_service):
+    bundled = Path(locate_model(MODEL, bake_environment, allow_download=False).path)
+    tokenizer_folder = tmp_path / "build-context" / "tokenizer"
+    tokenizer_folder.mkdir(parents=True)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copy(bundled / name, tokenizer_folder / name)
+    monkeypatch.setenv("TOKENIZER_MODEL", str(tokenizer_folder))
+
+    assert download_models.main(["--no-download"]) == 0
+
+    shutil.rmtree(tokenizer_folder)  # as in the image, where the build context is gone
+    location = locate_model(str(tokenizer_folder), bake_environment, allow_download=False)
+    assert location.source == "baked folder"
+    settings = Settings(models_dir=str(bake_environment), tokenizer_model=str(tokenizer_folder))
+    tokenizer = load_tokenizer(settings, loaded_service._ready_text_embedder().model)
+    assert tokenizer("hello world")["input_ids"] == [101, 7592, 2088, 102]
