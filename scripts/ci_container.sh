@@ -28,4 +28,5 @@ step "hadolint Dockerfile" "$VENV/bin/hadolint" Dockerfile
 step "GitHub workflow schema" "$VENV/bin/check-jsonschema" --builtin-schema vendor.github-workflows \
     .github/workflows/tests.yml .github/workflows/image.yml
 step "deployment manifests" "$VENV/bin/python" scripts/check_manifests.py
-step "container build and run" env PYTHON="$VENV/bin/python" scripts/container_check.sh
+# Arguments go to container_check.sh (--clean deletes its cache afterwards).
+step "container build and run" env PYTHON="$VENV/bin/python" scripts/container_check.sh "$@"
