@@ -30,7 +30,9 @@ PORT=${CONTAINER_CHECK_PORT:-18501}
 READY_TIMEOUT_SECONDS=${CONTAINER_CHECK_READY_TIMEOUT:-300}
 BASE_IMAGE=localhost/python-standin:3.11-slim-bookworm
 IMAGE=localhost/vector-embedder:container-check
-CONTAINER=vector-embedder-check-$$
+# Named once by the first process, so the run phase (a separate process) and the leftover check agree.
+export CONTAINER_CHECK_NAME=${CONTAINER_CHECK_NAME:-vector-embedder-check-$$}
+CONTAINER=$CONTAINER_CHECK_NAME
 EMBEDDING_MODEL=all-MiniLM-L6-v2
 TOKENIZER_MODEL=sentence-transformers/all-MiniLM-L6-v2
 EXPECTED_DIMENSION=384
@@ -164,10 +166,10 @@ start_container() {
 
 check_container() {
     local started=$SECONDS
-    if ! python3 - "$PORT" "$READY_TIMEOUT_SECONDS" "$EXPECTED_DIMENSION" <<'EOF'
-import json, math, os, sys, time, urllib.error, urllib.request
+    if ! python3 - "$PORT" "$READY_TIMEOUT_SECONDS" "$EXPECTED_DIMENSION" "$CONTAINER" <<'EOF'
+import json, math, os, subprocess, sys, time, urllib.error, urllib.request
 
-port, timeout, dimension = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+port, timeout, dimension, container = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 base = f"http://127.0.0.1:{port}"
 deadline = time.monotonic() + timeout
 while True:
@@ -175,10 +177,20 @@ while True:
         with urllib.request.urlopen(f"{base}/health/ready", timeout=5) as response:
             print("ready:", response.read().decode())
             break
+    except urllib.error.HTTPError as error:
+        body = error.read().decode(errors="replace")
+        if '"error"' in body:
+            sys.exit(f"the model failed to load: {body}")
+        failure = f"{error.code} {body}"
     except (urllib.error.URLError, ConnectionError, OSError) as error:
-        if time.monotonic() > deadline:
-            sys.exit(f"/health/ready did not answer 200 within {timeout:.0f}s: {error}")
-        time.sleep(2)
+        failure = str(error)
+    running = subprocess.run(["podman", "container", "inspect", "--format", "{{.State.Running}}", container],
+                             capture_output=True, text=True).stdout.strip()
+    if running != "true":
+        sys.exit(f"the container stopped before it was ready (last answer: {failure})")
+    if time.monotonic() > deadline:
+        sys.exit(f"/health/ready did not answer 200 within {timeout:.0f}s: {failure}")
+    time.sleep(2)
 
 request = urllib.request.Request(
     f"{base}/embeddings", data=json.dumps({"text": "A container that really embeds."}).encode(),
@@ -252,7 +264,7 @@ main() {
     fetch_torch_wheel
     build_image
     unshare -m --propagation private "$BASH" "${BASH_SOURCE[0]}" --run-phase
-    if [ -n "$(podman ps --all --quiet --filter "name=$CONTAINER")" ]; then
+    if [ -n "$(podman ps --all --quiet --filter "name=^$CONTAINER\$")" ]; then
         echo "container $CONTAINER was left behind" >&2
         exit 1
     fi
