@@ -31,8 +31,9 @@ timeout = 120
 graceful_timeout = 30
 # The app logs one JSON line per request itself (observability.py).
 accesslog = None
-# The control socket (gunicorn 27) is not used here, and several instances on one
-# machine (tests, benchmark servers) would contend for its single default path.
+# The control socket (gunicorn 27) is not used: several instances on one machine
+# (tests, benchmarks) would contend for its single default path, and a container's
+# numeric user has no writable home to put it in.
 control_socket_disable = True
 
 

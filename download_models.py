@@ -1,0 +1,195 @@
+"""Bake the configured models into MODELS_DIR, at image build time.
+
+`python download_models.py` reads EMBEDDING_MODEL, TOKENIZER_MODEL and
+MODELS_DIR like the service does, finds each model in the same places the
+service looks (`model_locator.locate_model`), and puts it in the folder the
+service loads baked models from (`model_locator.baked_model_dir`): copied from
+a local folder or an installed package, or downloaded from the model hub when
+the build has network. The baked model is then loaded through the service's
+own loader and asked for one vector, so a broken bake fails the build rather
+than the first request. A model already baked and loading is left alone.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+from config import Settings, SettingsError, load_settings
+from model_locator import ModelLocation, ModelNotFoundError, baked_model_dir, locate_model
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+VERIFY_TEXT = "A baked model answers with one vector."
+# A plain grey square: enough to prove an image model's vision tower loads and runs.
+VERIFY_IMAGE_SIZE = 64
+
+
+class BakeError(RuntimeError):
+    """A model could not be baked; the message says which and why."""
+
+
+def bake_model(settings: Settings, name: str, allow_download: bool) -> SentenceTransformer:
+    """Put the embedding model `name` in its baked folder; the model loaded from there, verified."""
+    target = baked_model_dir(settings.models_dir, name)
+    if _is_baked(target):
+        try:
+            model = _verify_model(settings, target)
+        except Exception as error:  # a half-written or corrupt folder is re-baked, not trusted
+            print(f"{name}: the baked folder {target} does not load ({error}); baking it again")
+            shutil.rmtree(target)
+        else:
+            print(f"{name}: already baked in {target}")
+            return model
+    location = _locate(name, settings, allow_download)
+    print(f"{name}: found in {location.source} {location.path}")
+    with _staging_folder(target) as staging:
+        if location.is_local:
+            shutil.copytree(location.path, staging, dirs_exist_ok=True)
+        else:
+            _download_model(settings, name, staging)
+        # Verified before it takes the baked folder's name, so a failed bake leaves nothing behind.
+        model = _verify_model(settings, staging)
+    print(f"{name}: baked into {target}")
+    return model
+
+
+def bake_tokenizer(settings: Settings, name: str, allow_download: bool, model: SentenceTransformer) -> Path:
+    """Put the tokenizer `name` in its baked folder and check that the service's loader accepts it for `model`."""
+    target = baked_model_dir(settings.models_dir, name)
+    if _is_baked(target):
+        # Usually the embedding model's own folder: its tokenizer came with it.
+        _verify_tokenizer(settings, target, model)
+        print(f"{name}: tokenizer already baked in {target}")
+        return target
+    location = _locate(name, settings, allow_download)
+    print(f"{name}: tokenizer found in {location.source} {location.path}")
+    with _staging_folder(target) as staging:
+        if location.is_local:
+            shutil.copytree(location.path, staging, dirs_exist_ok=True)
+        else:
+            _download_tokenizer(location.path, staging)
+        _verify_tokenizer(settings, staging, model)
+    print(f"{name}: tokenizer baked into {target}")
+    return target
+
+
+def _is_baked(folder: Path) -> bool:
+    # The same marker files locate_model looks for.
+    return (folder / "modules.json").is_file() or (folder / "config.json").is_file()
+
+
+def _locate(name: str, settings: Settings, allow_download: bool) -> ModelLocation:
+    try:
+        return locate_model(name, settings.models_dir, allow_download)
+    except ModelNotFoundError as error:
+        raise BakeError(str(error)) from None
+
+
+@contextmanager
+def _staging_folder(target: Path) -> Iterator[Path]:
+    """A sibling folder to fill; renamed to the target only when everything in it worked."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    staging.rename(target)
+
+
+def _download_model(settings: Settings, name: str, folder: Path) -> None:
+    """Download through the service's loader (huggingface_hub shows progress bars), then save the model alone."""
+    from embeddings import load_model  # torch loads only when a model is really needed
+
+    # The hub's cache stays behind in the build stage; only the saved folder goes into the image.
+    try:
+        model = load_model(replace(settings, embedding_model=name, tokenizer_model=None, allow_model_download=True))
+    except OSError as error:
+        raise BakeError(f"model {name!r} is not on this machine, and downloading it from the model hub "
+                        f"failed (is the name right, and does the build have network?): {error}") from None
+    model.save(str(folder))
+
+
+def _download_tokenizer(hub_name: str, folder: Path) -> None:
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(hub_name)
+        # config.json marks the folder as baked for locate_model and tells AutoTokenizer the model type.
+        config = AutoConfig.from_pretrained(hub_name)
+    except OSError as error:
+        raise BakeError(f"tokenizer {hub_name!r} is not on this machine, and downloading it from the model "
+                        f"hub failed (is the name right, and does the build have network?): {error}") from None
+    tokenizer.save_pretrained(str(folder))
+    config.save_pretrained(str(folder))
+
+
+def _verify_model(settings: Settings, folder: Path) -> SentenceTransformer:
+    """Load the folder through the service's loader, offline, and encode one text (and one image if it can)."""
+    from embeddings import load_model
+
+    model = load_model(replace(settings, embedding_model=str(folder), tokenizer_model=None,
+                               allow_model_download=False))
+    _check_vector(model.encode([VERIFY_TEXT])[0], "text")
+    if "image" in model.modalities:
+        from PIL import Image
+
+        image = Image.new("RGB", (VERIFY_IMAGE_SIZE, VERIFY_IMAGE_SIZE), (128, 128, 128))
+        _check_vector(model.encode([image])[0], "image")
+    return model
+
+
+def _check_vector(vector: Sequence[float], what: str) -> None:
+    values = [float(value) for value in vector]
+    if not values or not all(math.isfinite(value) for value in values):
+        raise BakeError(f"the model's {what} vector is empty or not finite")
+    print(f"  verified: one {what} gives a vector of {len(values)} numbers")
+
+
+def _verify_tokenizer(settings: Settings, folder: Path, model: SentenceTransformer) -> None:
+    """Load the tokenizer folder as the service does, offline, which also checks that it fits the model."""
+    from embeddings import load_tokenizer
+
+    tokenizer = load_tokenizer(replace(settings, tokenizer_model=str(folder), allow_model_download=False), model)
+    if not tokenizer(VERIFY_TEXT)["input_ids"]:
+        raise BakeError(f"the tokenizer in {folder} turns a sentence into no tokens")
+    print("  verified: the tokenizer loads offline and fits the model")
+
+
+def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--no-download", action="store_true",
+                        help="never reach the model hub; bake only models found on this machine")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = parse_arguments(argv)
+    try:
+        settings = load_settings()
+    except SettingsError as error:
+        print(f"Configuration error: {error}", file=sys.stderr)
+        return 2
+    allow_download = not arguments.no_download
+    try:
+        model = bake_model(settings, settings.embedding_model, allow_download)
+        if settings.tokenizer_model:
+            bake_tokenizer(settings, settings.tokenizer_model, allow_download, model)
+    except Exception as error:  # every failure ends the build with one readable line
+        print(f"Cannot bake the models into {settings.models_dir}: {type(error).__name__}: {error}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

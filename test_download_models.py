@@ -1,0 +1,142 @@
+"""download_models.py on the real bundled model, baked into a temporary MODELS_DIR."""
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import download_models
+from config import Settings
+from conftest import MODEL_LOAD_TIMEOUT, TEST_API_KEY
+from embeddings import load_tokenizer
+from model_locator import baked_model_dir, locate_model
+from service import EmbeddingService
+
+MODEL = "all-MiniLM-L6-v2"
+SCRIPT = Path(__file__).with_name("download_models.py")
+
+
+@pytest.fixture
+def bake_environment(monkeypatch, tmp_path):
+    """The build's environment: EMBEDDING_MODEL and MODELS_DIR set, nothing else of the caller's."""
+    for name in ("EMBEDDING_MODEL", "TOKENIZER_MODEL", "MODELS_DIR", "ALLOW_MODEL_DOWNLOAD", "MAX_BATCH_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    models_dir = tmp_path / "models"
+    monkeypatch.setenv("EMBEDDING_MODEL", MODEL)
+    monkeypatch.setenv("MODELS_DIR", str(models_dir))
+    return models_dir
+
+
+@pytest.fixture
+def baked_models_dir(bake_environment, monkeypatch):
+    monkeypatch.setenv("TOKENIZER_MODEL", f"sentence-transformers/{MODEL}")
+    assert download_models.main(["--no-download"]) == 0
+    return bake_environment
+
+
+def test_bakes_the_bundled_model_and_its_tokenizer(bake_environment, monkeypatch, capsys):
+    monkeypatch.setenv("TOKENIZER_MODEL", f"sentence-transformers/{MODEL}")
+
+    assert download_models.main(["--no-download"]) == 0
+
+    baked = baked_model_dir(bake_environment, MODEL)
+    assert (baked / "modules.json").is_file()
+    assert (baked / "model.safetensors").is_file()
+    assert locate_model(MODEL, bake_environment, allow_download=False).source == "baked folder"
+    output = capsys.readouterr().out
+    assert "found in installed package" in output
+    assert "verified: one text gives a vector of 384 numbers" in output
+    assert "verified: the tokenizer loads offline and fits the model" in output
+    # Nothing but the baked folder is left behind: no staging folder, no hub cache.
+    assert [path.name for path in bake_environment.iterdir()] == [baked.name]
+
+
+def test_service_loads_the_baked_model_and_embeds_like_the_bundled_one(baked_models_dir, loaded_service, caplog):
+    service = EmbeddingService(Settings(api_keys=(TEST_API_KEY,), models_dir=str(baked_models_dir)))
+    with caplog.at_level(logging.INFO, logger="embeddings"):
+        service.start_loading()
+        assert service.wait_until_loaded(MODEL_LOAD_TIMEOUT), service.readiness()
+    baked = baked_model_dir(baked_models_dir, MODEL)
+    assert f"from {baked} (baked folder)" in caplog.text
+
+    text = "Baked and bundled models give the same vector."
+    baked_vector = service.embed_texts([text]).vectors[0]
+    bundled_vector = loaded_service.embed_texts([text]).vectors[0]
+    np.testing.assert_allclose(baked_vector, bundled_vector, atol=1e-6)
+
+
+def test_a_second_run_keeps_the_baked_model(baked_models_dir, capsys):
+    baked = baked_model_dir(baked_models_dir, MODEL)
+    weights_written = (baked / "model.safetensors").stat().st_mtime_ns
+    capsys.readouterr()
+
+    assert download_models.main(["--no-download"]) == 0
+
+    assert f"{MODEL}: already baked in {baked}" in capsys.readouterr().out
+    assert (baked / "model.safetensors").stat().st_mtime_ns == weights_written
+
+
+def test_a_broken_baked_folder_is_baked_again(bake_environment, capsys):
+    baked = baked_model_dir(bake_environment, MODEL)
+    baked.mkdir(parents=True)
+    (baked / "modules.json").write_text("not json")
+
+    assert download_models.main(["--no-download"]) == 0
+
+    output = capsys.readouterr().out
+    assert "does not load" in output and f"{MODEL}: baked into {baked}" in output
+    assert locate_model(MODEL, bake_environment, allow_download=False).source == "baked folder"
+
+
+def test_a_missing_model_exits_non_zero_and_says_where_it_looked(bake_environment, monkeypatch):
+    monkeypatch.setenv("EMBEDDING_MODEL", "no-such-model-anywhere")
+    finished = subprocess.run([sys.executable, str(SCRIPT), "--no-download"],
+                              capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 1
+    assert "Model 'no-such-model-anywhere' not found" in finished.stderr
+    assert "no baked model in" in finished.stderr and "downloads from the model hub are off" in finished.stderr
+    assert not bake_environment.exists() or not any(bake_environment.iterdir())
+
+
+def test_a_failed_hub_download_exits_non_zero_with_a_clear_message(bake_environment, monkeypatch, capsys):
+    # conftest sets HF_HUB_OFFLINE=1, so the hub attempt fails at once, as it does in a build without network.
+    monkeypatch.setenv("EMBEDDING_MODEL", "no-such-model-anywhere")
+
+    assert download_models.main([]) == 1
+
+    error = capsys.readouterr().err
+    assert "model 'no-such-model-anywhere' is not on this machine" in error
+    assert "downloading it from the model hub failed" in error
+    assert [path.name for path in bake_environment.iterdir()] == []
+
+
+def test_a_bad_setting_exits_with_the_variable_named(bake_environment, monkeypatch, capsys):
+    monkeypatch.setenv("MAX_BATCH_SIZE", "many")
+
+    assert download_models.main(["--no-download"]) == 2
+
+    assert "MAX_BATCH_SIZE must be a whole number" in capsys.readouterr().err
+
+
+def test_a_tokenizer_folder_is_baked_and_found_once_the_folder_is_gone(
+        bake_environment, monkeypatch, tmp_path, loaded_service):
+    bundled = Path(locate_model(MODEL, bake_environment, allow_download=False).path)
+    tokenizer_folder = tmp_path / "build-context" / "tokenizer"
+    tokenizer_folder.mkdir(parents=True)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copy(bundled / name, tokenizer_folder / name)
+    monkeypatch.setenv("TOKENIZER_MODEL", str(tokenizer_folder))
+
+    assert download_models.main(["--no-download"]) == 0
+
+    shutil.rmtree(tokenizer_folder)  # as in the image, where the build context is gone
+    location = locate_model(str(tokenizer_folder), bake_environment, allow_download=False)
+    assert location.source == "baked folder"
+    settings = Settings(models_dir=str(bake_environment), tokenizer_model=str(tokenizer_folder))
+    tokenizer = load_tokenizer(settings, loaded_service._ready_text_embedder().model)
+    assert tokenizer("hello world")["input_ids"] == [101, 7592, 2088, 102]
