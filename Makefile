@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install run test lint clean
+.PHONY: install run test lint unit browser container-check benchmark soak clean
 
 install: $(INSTALLED)
 
@@ -18,11 +18,28 @@ $(INSTALLED): requirements.txt requirements-dev.txt
 run: install
 	$(BIN)/gunicorn -c gunicorn.conf.py 'main:create_app()'
 
+# Everything CI runs: lint, the unit, HTTP, fuzz and browser tests, then the container checks.
+test: lint browser unit container-check
+
 lint: install
 	$(BIN)/flake8
 
-test: lint
+# Debian's chromium for the /docs browser test (skipped, with the reason, when it cannot be installed).
+browser:
+	bash scripts/install_browser.sh || echo "chromium not installed: the /docs browser test will be skipped"
+
+unit: install
 	$(BIN)/pytest --cov=. --cov-report=term --cov-report=html $(PYTEST_ARGS)
+
+# hadolint, the workflow schema, the manifests, then the real image built and run with podman.
+container-check: install
+	VENV=$(VENV) bash scripts/ci_container.sh
+
+benchmark: install
+	$(BIN)/python benchmark_embeddings.py --plot benchmark.png
+
+soak: install
+	$(BIN)/python soak_embeddings.py --minutes 10
 
 clean:
 	rm -rf $(VENV) htmlcov .coverage .pytest_cache

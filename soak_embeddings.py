@@ -44,7 +44,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=5.0, help="how long to run (default 5)")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
-    parser.add_argument("--warm-up", type=float, default=60.0, help="seconds before the memory baseline (default 60)")
+    parser.add_argument("--warm-up", type=float, default=120.0, help="seconds before the memory baseline (default 120)")
     parser.add_argument("--sample", type=float, default=15.0, help="seconds between memory samples (default 15)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
