@@ -8,7 +8,6 @@ a request got an unexpected status or memory grew by more than 5% after the warm
 from __future__ import annotations
 
 import argparse
-import http.client
 import itertools
 import os
 import sys
@@ -16,11 +15,10 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from urllib.parse import urlsplit
 
 import psutil
 
-from benchmark_embeddings import request, short_queries, start_server
+from benchmark_embeddings import connect, request, short_queries, start_server
 
 ALLOWED_GROWTH = 0.05
 
@@ -56,10 +54,9 @@ def main() -> int:
     started = time.monotonic()
     deadline = started + args.minutes * 60
     traffic = mixed_traffic(" ".join(["a long text about rivers and their bridges"] * 150))
-    parts = urlsplit(server.url)
 
     def client(number: int) -> None:
-        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+        connection = connect(server.url)
         for path, body, expected in itertools.islice(itertools.cycle(traffic), number * 7, None):
             if time.monotonic() >= deadline:
                 break
@@ -68,7 +65,7 @@ def main() -> int:
             except OSError as error:
                 status = type(error).__name__
                 connection.close()
-                connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+                connection = connect(server.url)
             with lock:
                 statuses[status] += 1
                 if status != expected:

@@ -172,7 +172,7 @@ def test_load_model_fails_with_one_clear_message(tmp_path):
 def test_settings_defaults_are_the_documented_ones():
     settings = load_settings({})
     assert settings.api_keys == ("abc123",) and settings.uses_default_api_key
-    assert (settings.port, settings.max_batch_size, settings.max_texts_per_batch) == (5001, 8, 100)
+    assert (settings.port, settings.max_batch_size, settings.max_texts_per_batch) == (5001, 32, 100)
     assert (settings.max_images_per_batch, settings.max_image_size) == (20, 10485760)
     assert settings.embedding_model == "all-MiniLM-L6-v2" and settings.tokenizer_model is None
     assert settings.allow_model_download is False
