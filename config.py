@@ -42,9 +42,12 @@ class Settings:
     models_dir: str = "/models"
     allow_model_download: bool = False
     # Serving: gunicorn processes, request threads per process, torch threads per forward pass.
-    workers: int = 1
+    # Measured on 2 cores: two workers of one torch thread each served 16 clients about 30%
+    # faster than one worker of two threads (two GILs share the HTTP work), at the same lone-query
+    # latency. Each worker holds its own copy of the model, so more than two cost memory.
+    workers: int = field(default_factory=lambda: default_workers(available_cpus()))
     threads: int = 64
-    torch_num_threads: int = field(default_factory=lambda: available_cpus())
+    torch_num_threads: int = field(default_factory=lambda: default_torch_threads(available_cpus()))
     # Dynamic batching: tokens gathered per batch (and padded tokens per forward pass),
     # milliseconds to wait for company under concurrent traffic (0 turns batching off),
     # and requests waiting at most before new ones get 429.
@@ -75,6 +78,15 @@ def _whole_number(environ: Mapping[str, str], name: str, default: int, minimum: 
 
 def _positive_int(environ: Mapping[str, str], name: str, default: int) -> int:
     return _whole_number(environ, name, default, minimum=1)
+
+
+def default_workers(cpus: int) -> int:
+    return min(cpus, 2)
+
+
+def default_torch_threads(cpus: int, workers: int | None = None) -> int:
+    """Torch threads per worker so that all workers together use every CPU."""
+    return max(1, cpus // (workers or default_workers(cpus)))
 
 
 def available_cpus() -> int:
@@ -114,6 +126,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     environ = os.environ if environ is None else environ
     defaults = Settings()
     port = _positive_int(environ, "PORT", defaults.port)
+    workers = _positive_int(environ, "WORKERS", defaults.workers)
     if port > 65535:
         raise SettingsError(f"PORT must be at most 65535, got {port}")
     return Settings(
@@ -130,9 +143,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         tokenizer_model=environ.get("TOKENIZER_MODEL", "").strip() or None,
         models_dir=environ.get("MODELS_DIR", "").strip() or defaults.models_dir,
         allow_model_download=_flag(environ, "ALLOW_MODEL_DOWNLOAD"),
-        workers=_positive_int(environ, "WORKERS", defaults.workers),
+        workers=workers,
         threads=_positive_int(environ, "THREADS", defaults.threads),
-        torch_num_threads=_positive_int(environ, "TORCH_NUM_THREADS", defaults.torch_num_threads),
+        torch_num_threads=_positive_int(environ, "TORCH_NUM_THREADS",
+                                        default_torch_threads(available_cpus(), workers)),
         batch_max_tokens=_positive_int(environ, "BATCH_MAX_TOKENS", defaults.batch_max_tokens),
         batch_wait_ms=_whole_number(environ, "BATCH_WAIT_MS", defaults.batch_wait_ms, minimum=0),
         queue_max=_positive_int(environ, "QUEUE_MAX", defaults.queue_max),

@@ -195,11 +195,11 @@ def shorten(vector: np.ndarray, dimensions: int | None) -> np.ndarray:
     return kept / max(float(np.linalg.norm(kept)), 1e-12)
 
 
-def encode_vector(vector: np.ndarray, encoding_format: str) -> list[float] | str:
+def encode_vector(vector: np.ndarray, encoding_format: str) -> np.ndarray | str:
     if encoding_format == "base64":
         # Little-endian float32 bytes, as the OpenAI clients decode them.
         return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
-    return np.asarray(vector, dtype=np.float32).tolist()
+    return np.asarray(vector, dtype=np.float32)
 
 
 # --- routes -----------------------------------------------------------------

@@ -36,7 +36,17 @@ def tree_rss_mb(server) -> float:
     return sum(process.memory_info().rss for process in [root] + root.children(recursive=True)) / 2 ** 20
 
 
-def test_a_killed_worker_is_replaced_and_readiness_follows(gunicorn_server, text_embedder):
+def test_a_killed_worker_is_replaced_and_readiness_follows(tmp_path, text_embedder):
+    # One worker, so that readiness can only come from the worker that replaces it.
+    gunicorn_server = start_gunicorn(tmp_path, VECTOR_EMBEDDER_API_KEY=KEY, WORKERS="1")
+    gunicorn_server.wait_until_ready()
+    try:
+        check_worker_replacement(gunicorn_server, text_embedder)
+    finally:
+        gunicorn_server.stop()
+
+
+def check_worker_replacement(gunicorn_server, text_embedder):
     [old_worker] = worker_pids(gunicorn_server)
     os.kill(old_worker, signal.SIGKILL)
     seen, deadline = [], time.monotonic() + 90
