@@ -72,6 +72,32 @@ def server(test_settings, loaded_service):
     live.stop()
 
 
+@pytest.fixture(scope="session")
+def tiny_clip_settings(tmp_path_factory) -> Settings:
+    """Settings that serve the tiny random CLIP (tiny_clip.py), built once per test session."""
+    from tiny_clip import write_tiny_clip
+    folder = write_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
+    return Settings(api_keys=(TEST_API_KEY,), embedding_model=str(folder))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_service(tiny_clip_settings) -> EmbeddingService:
+    service = EmbeddingService(tiny_clip_settings)
+    service.start_loading()
+    assert service.wait_until_loaded(MODEL_LOAD_TIMEOUT), service.readiness()
+    yield service
+    service.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_server(tiny_clip_settings, tiny_clip_service):
+    """A real server on loopback with text and image routes live (the tiny CLIP)."""
+    live = start_live_server(create_app(tiny_clip_settings, tiny_clip_service))
+    live.model = tiny_clip_service._ready_text_embedder().model
+    yield live
+    live.stop()
+
+
 @pytest.fixture
 def server_with(test_settings, loaded_service):
     """Start a server on the loaded model with some settings changed."""

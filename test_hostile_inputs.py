@@ -15,15 +15,10 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import MODEL_LOAD_TIMEOUT, TEST_API_KEY, start_live_server
-from config import Settings
-from main import create_app
-from service import EmbeddingService
+from conftest import TEST_API_KEY
 from test_image_embeddings import encoded, png_header_only
-from tiny_clip import write_tiny_clip
 
 JSON = {"Content-Type": "application/json"}
-MAX_REQUEST_SIZE = 4 * 1024 * 1024
 
 
 def b64(data: bytes) -> str:
@@ -81,17 +76,8 @@ HOSTILE = [
 
 
 @pytest.fixture(scope="module")
-def clip_server(tmp_path_factory):
-    folder = write_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
-    settings = Settings(api_keys=(TEST_API_KEY,), embedding_model=str(folder), max_request_size=MAX_REQUEST_SIZE)
-    service = EmbeddingService(settings)
-    service.start_loading()
-    assert service.wait_until_loaded(MODEL_LOAD_TIMEOUT), service.readiness()
-    live = start_live_server(create_app(settings, service))
-    live.model = service._ready_text_embedder().model
-    yield live
-    live.stop()
-    service.stop()
+def clip_server(tiny_clip_server):
+    return tiny_clip_server
 
 
 def send(server, path: str, body, headers: dict | None = None) -> requests.Response:

@@ -37,7 +37,7 @@ from main import create_app
 from model_locator import ModelNotFoundError, locate_model
 from batcher import QueueFullError
 from service import EmbeddingService
-from tiny_clip import TINY_DIMENSION, write_tiny_clip
+from tiny_clip import TINY_DIMENSION
 
 HEADERS = {"X-API-Key": TEST_API_KEY}
 # Small limits for the server that checks the size errors.
@@ -50,17 +50,13 @@ ignore_bomb_warning = pytest.mark.filterwarnings("ignore::PIL.Image.Decompressio
 # --- the tiny CLIP ------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def clip_settings(tmp_path_factory) -> Settings:
-    folder = write_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
-    return Settings(api_keys=(TEST_API_KEY,), embedding_model=str(folder))
+def clip_settings(tiny_clip_settings) -> Settings:
+    return tiny_clip_settings
 
 
 @pytest.fixture(scope="module")
-def clip_service(clip_settings) -> EmbeddingService:
-    service = EmbeddingService(clip_settings)
-    service.start_loading()
-    assert service.wait_until_loaded(MODEL_LOAD_TIMEOUT), service.readiness()
-    return service
+def clip_service(tiny_clip_service) -> EmbeddingService:
+    return tiny_clip_service
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +65,8 @@ def clip_model(clip_service):
 
 
 @pytest.fixture(scope="module")
-def clip_server(clip_settings, clip_service):
-    live = start_live_server(create_app(clip_settings, clip_service))
-    yield live
-    live.stop()
+def clip_server(tiny_clip_server):
+    return tiny_clip_server
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,9 @@ import requests
 from openapi_core import OpenAPI
 from openapi_core.contrib.requests import RequestsOpenAPIRequest, RequestsOpenAPIResponse
 
-from config import Settings
-from conftest import MODEL_LOAD_TIMEOUT, TEST_API_KEY, start_live_server
+from conftest import TEST_API_KEY, start_live_server
 from main import create_app
 from service import EmbeddingService
-from tiny_clip import write_tiny_clip
 
 AUTH = {"X-API-Key": TEST_API_KEY}
 BEARER = {"Authorization": f"Bearer {TEST_API_KEY}"}
@@ -128,17 +126,8 @@ def test_error_answers_match_the_document(server, openapi, method, path, kwargs,
 
 
 @pytest.fixture(scope="module")
-def clip_server(tmp_path_factory):
-    """A server on the tiny random-weight CLIP that test_image_embeddings.py builds."""
-    folder = write_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
-    clip_settings = Settings(api_keys=(TEST_API_KEY,), embedding_model=str(folder))
-    service = EmbeddingService(clip_settings)
-    service.start_loading()
-    assert service.wait_until_loaded(MODEL_LOAD_TIMEOUT), service.readiness()
-    live = start_live_server(create_app(clip_settings, service))
-    yield live
-    live.stop()
-    service.stop()
+def clip_server(tiny_clip_server):
+    return tiny_clip_server
 
 
 IMAGE_CALLS = [
