@@ -21,6 +21,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Workers write their metrics to files here so /metrics adds up every worker's values.
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="embedder-metrics-")
+# Workers mark themselves ready here, so /health/ready waits for all of them (worker_registry.py).
+os.environ["WORKER_STATE_DIR"] = tempfile.mkdtemp(prefix="embedder-workers-")
 
 bind = f"0.0.0.0:{_settings.port}"
 worker_class = "gthread"
@@ -47,4 +49,7 @@ def worker_exit(server, worker):
 
 def child_exit(server, worker):
     from prometheus_client import multiprocess
+
+    import worker_registry
     multiprocess.mark_process_dead(worker.pid)
+    worker_registry.forget(worker.pid)

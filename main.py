@@ -20,6 +20,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from config import Settings, load_settings
 import observability
+import worker_registry
 from batcher import BatchStats, QueueFullError
 from image_embeddings import ImageInputError, ImageTooLargeError, check_byte_size, decode_base64_image
 from observability import Metrics, count_work
@@ -209,6 +210,10 @@ def liveness():
 @health.get("/health/ready")
 def readiness():
     ready, body = embedding_service().readiness()
+    workers_ready = worker_registry.ready_workers()
+    if ready and workers_ready is not None and workers_ready < settings().workers:
+        # This worker is ready but another still loads: a request sent to it would get 503.
+        ready, body = False, {"status": "loading", "workers_ready": workers_ready, "workers": settings().workers}
     return jsonify(body), 200 if ready else 503
 
 

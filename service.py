@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
+import worker_registry
 from batcher import Batcher, BatchLimits, BatchStats, QueueFullError
 from config import Settings
 
@@ -95,6 +96,7 @@ class EmbeddingService:
         self.load_seconds = time.monotonic() - started
         self.loaded_at = int(time.time())
         self._ready.set()
+        worker_registry.mark_ready()
         logger.info("Model %s ready in %.1f s (dimension %d, max %d tokens per window)",
                     self.settings.embedding_model, self.load_seconds, text.dimension, text.max_seq_length)
 

@@ -51,3 +51,31 @@ def test_a_bad_setting_stops_start_up_naming_the_variable(tmp_path, name, value)
     server = start_gunicorn(tmp_path, **{name: value})
     assert server.process.wait(60) != 0
     assert name in server.output()
+
+
+def test_ready_means_every_worker_has_its_model(tmp_path):
+    server = start_gunicorn(tmp_path, VECTOR_EMBEDDER_API_KEY="k", WORKERS="2")
+    try:
+        server.wait_until_ready()
+        # Fresh connections land on either worker: none may still be loading.
+        statuses = [requests.post(server.url + "/embeddings", json={"text": f"probe {n}"},
+                                  headers={"X-API-Key": "k", "Connection": "close"}, timeout=30).status_code
+                    for n in range(30)]
+        assert set(statuses) == {200}, statuses
+    finally:
+        server.stop()
+
+
+def test_worker_registry_counts_live_ready_workers(tmp_path, monkeypatch):
+    import os
+
+    import worker_registry
+    monkeypatch.setenv("WORKER_STATE_DIR", str(tmp_path))
+    assert worker_registry.ready_workers() == 0
+    worker_registry.mark_ready()
+    worker_registry.mark_ready(pid=2 ** 22 + 7)  # no such process: a worker that died
+    assert worker_registry.ready_workers() == 1
+    worker_registry.forget(os.getpid())
+    assert worker_registry.ready_workers() == 0
+    monkeypatch.delenv("WORKER_STATE_DIR")
+    assert worker_registry.ready_workers() is None
