@@ -98,6 +98,9 @@ SCHEMAS: dict[str, Any] = {
             "model": {"type": "string"},
             "supports_images": {"type": "boolean"},
             "reason": {"type": "string", "description": "Why loading failed (status error)."},
+            "workers_ready": {"type": "integer", "description": "Workers with their model loaded (status loading, "
+                                                                "when some but not all are ready)."},
+            "workers": {"type": "integer", "description": "Workers the server runs."},
         },
     },
     "TextRequest": {
