@@ -217,6 +217,17 @@ def readiness():
     return jsonify(body), 200 if ready else 503
 
 
+@health.get("/metrics")
+def metrics():
+    # Behind the API key unless the operator opens it for a scraper without credentials.
+    if not settings().metrics_public:
+        require_api_key()
+    service, app_metrics = embedding_service(), current_app.extensions["metrics"]
+    if service.load_seconds is not None:
+        app_metrics.model_load_seconds.set(service.load_seconds)
+    return observability.metrics_response(app_metrics)
+
+
 @api.post("/embeddings")
 def embed_text():
     text = validate_text(require_field(read_json_object(), "text"), "text")
@@ -231,17 +242,6 @@ def embed_text_batch():
     result = embedding_service().embed_texts(texts)
     count_work(tokens=result.token_count)
     return jsonify(embeddings=[[vector] for vector in result.vectors])
-
-
-@health.get("/metrics")
-def metrics():
-    # Behind the API key unless the operator opens it for a scraper without credentials.
-    if not settings().metrics_public:
-        require_api_key()
-    service, app_metrics = embedding_service(), current_app.extensions["metrics"]
-    if service.load_seconds is not None:
-        app_metrics.model_load_seconds.set(service.load_seconds)
-    return observability.metrics_response(app_metrics)
 
 
 @api.post("/embeddings/image")
