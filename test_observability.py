@@ -77,3 +77,11 @@ def test_metrics_can_be_opened_to_scrapers(server_with):
     live = server_with(metrics_public=True)
     response = requests.get(live.url + "/metrics", timeout=5)
     assert response.status_code == 200 and "embedder_requests_total" in response.text
+
+
+def test_public_routes_reveal_no_key(server):
+    for path in ("/health", "/health/ready", "/openapi.json", "/docs"):
+        response = requests.get(server.url + path, timeout=10)
+        assert response.status_code == 200, path
+        assert TEST_API_KEY not in response.text, path
+    assert requests.get(server.url + "/metrics", timeout=10).status_code == 401

@@ -48,7 +48,14 @@ def test_a_killed_worker_is_replaced_and_readiness_follows(tmp_path, text_embedd
 
 def check_worker_replacement(gunicorn_server, text_embedder):
     [old_worker] = worker_pids(gunicorn_server)
+    in_flight = ThreadPoolExecutor(1)
+    request = in_flight.submit(requests.post, gunicorn_server.url + "/embeddings/batch",
+                               json={"texts": [DOCUMENT] * 40}, headers=AUTH, timeout=60)
+    time.sleep(0.5)  # the batch is being encoded when the worker dies
     os.kill(old_worker, signal.SIGKILL)
+    with pytest.raises(requests.ConnectionError):
+        request.result()
+    in_flight.shutdown()
     seen, deadline = [], time.monotonic() + 90
     while time.monotonic() < deadline:
         try:
