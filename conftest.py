@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ from werkzeug.serving import make_server
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from benchmark_embeddings import free_port  # noqa: E402
 from config import Settings  # noqa: E402
 from main import create_app  # noqa: E402
 from service import EmbeddingService  # noqa: E402
@@ -117,12 +117,6 @@ def server_with(test_settings, loaded_service):
 
 HERE = Path(__file__).resolve().parent
 START_TIMEOUT = 90
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @dataclass

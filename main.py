@@ -139,15 +139,20 @@ def validate_text(value: Any, where: str) -> str:
     return value
 
 
-def validate_text_list(value: Any, where: str) -> list[str]:
+def validate_list(value: Any, where: str, described: str, noun: str, limit: int, limit_name: str) -> list[Any]:
+    """A non-empty JSON array of at most `limit` items, or a 400 that says which rule it broke."""
     if not isinstance(value, list):
-        raise ApiError(400, f"{where} must be an array of strings, got {json_type(value)}")
+        raise ApiError(400, f"{where} must be an array of {described}, got {json_type(value)}")
     if not value:
-        raise ApiError(400, f"{where} is empty: send at least one text")
-    limit = settings().max_texts_per_batch
+        raise ApiError(400, f"{where} is empty: send at least one {noun}")
     if len(value) > limit:
-        raise ApiError(400, f"{where} has {len(value)} texts; the limit is {limit} (MAX_TEXTS_PER_BATCH)")
-    return [validate_text(item, f"{where}[{index}]") for index, item in enumerate(value)]
+        raise ApiError(400, f"{where} has {len(value)} {noun}s; the limit is {limit} ({limit_name})")
+    return value
+
+
+def validate_text_list(value: Any, where: str) -> list[str]:
+    texts = validate_list(value, where, "strings", "text", settings().max_texts_per_batch, "MAX_TEXTS_PER_BATCH")
+    return [validate_text(item, f"{where}[{index}]") for index, item in enumerate(texts)]
 
 
 def validate_image_string(value: Any, where: str) -> bytes:
@@ -159,14 +164,9 @@ def validate_image_string(value: Any, where: str) -> bytes:
 
 
 def validate_image_list(value: Any, where: str) -> list[bytes]:
-    if not isinstance(value, list):
-        raise ApiError(400, f"{where} must be an array of base64 strings or data URIs, got {json_type(value)}")
-    if not value:
-        raise ApiError(400, f"{where} is empty: send at least one image")
-    limit = settings().max_images_per_batch
-    if len(value) > limit:
-        raise ApiError(400, f"{where} has {len(value)} images; the limit is {limit} (MAX_IMAGES_PER_BATCH)")
-    return [validate_image_string(item, f"{where}[{index}]") for index, item in enumerate(value)]
+    images = validate_list(value, where, "base64 strings or data URIs", "image",
+                           settings().max_images_per_batch, "MAX_IMAGES_PER_BATCH")
+    return [validate_image_string(item, f"{where}[{index}]") for index, item in enumerate(images)]
 
 
 def read_uploaded_image(field: str) -> bytes:
