@@ -125,8 +125,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Read and validate the service's settings from the environment."""
     environ = os.environ if environ is None else environ
     defaults = Settings()
+    cpus = available_cpus()
     port = _positive_int(environ, "PORT", defaults.port)
-    workers = _positive_int(environ, "WORKERS", defaults.workers)
+    workers = _positive_int(environ, "WORKERS", default_workers(cpus))
     if port > 65535:
         raise SettingsError(f"PORT must be at most 65535, got {port}")
     return Settings(
@@ -146,7 +147,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         workers=workers,
         threads=_positive_int(environ, "THREADS", defaults.threads),
         torch_num_threads=_positive_int(environ, "TORCH_NUM_THREADS",
-                                        default_torch_threads(available_cpus(), workers)),
+                                        default_torch_threads(cpus, workers)),
         batch_max_tokens=_positive_int(environ, "BATCH_MAX_TOKENS", defaults.batch_max_tokens),
         batch_wait_ms=_whole_number(environ, "BATCH_WAIT_MS", defaults.batch_wait_ms, minimum=0),
         queue_max=_positive_int(environ, "QUEUE_MAX", defaults.queue_max),

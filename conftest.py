@@ -7,8 +7,10 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import requests
@@ -50,14 +52,23 @@ def test_settings() -> Settings:
     return Settings(api_keys=(TEST_API_KEY,))
 
 
-@pytest.fixture(scope="session")
-def loaded_service(test_settings) -> EmbeddingService:
-    service = EmbeddingService(test_settings)
+@contextmanager
+def running_service(settings: Settings) -> Iterator[EmbeddingService]:
+    """A service with its model loaded; stopped afterwards."""
+    service = EmbeddingService(settings)
     service.start_loading()
     assert service.wait_until_loaded(MODEL_LOAD_TIMEOUT), service.readiness()
-    yield service
-    # Drain the model thread: torch aborts the interpreter if it exits mid forward pass.
-    service.stop()
+    try:
+        yield service
+    finally:
+        # Drain the model thread: torch aborts the interpreter if it exits mid forward pass.
+        service.stop()
+
+
+@pytest.fixture(scope="session")
+def loaded_service(test_settings) -> EmbeddingService:
+    with running_service(test_settings) as service:
+        yield service
 
 
 @pytest.fixture(scope="session")
@@ -82,11 +93,8 @@ def tiny_clip_settings(tmp_path_factory) -> Settings:
 
 @pytest.fixture(scope="session")
 def tiny_clip_service(tiny_clip_settings) -> EmbeddingService:
-    service = EmbeddingService(tiny_clip_settings)
-    service.start_loading()
-    assert service.wait_until_loaded(MODEL_LOAD_TIMEOUT), service.readiness()
-    yield service
-    service.stop()
+    with running_service(tiny_clip_settings) as service:
+        yield service
 
 
 @pytest.fixture(scope="session")

@@ -19,10 +19,12 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence, TypeVar
 
 from config import Settings, SettingsError, load_settings
 from model_locator import ModelLocation, ModelNotFoundError, baked_model_dir, locate_model
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -50,15 +52,22 @@ def bake_model(settings: Settings, name: str, allow_download: bool) -> SentenceT
             return model
     location = _locate(name, settings, allow_download)
     print(f"{name}: found in {location.source} {location.path}")
+    # Verified before it takes the baked folder's name, so a failed bake leaves nothing behind.
+    model = _bake_verified(target, location, lambda staging: _download_model(settings, name, staging),
+                           lambda staging: _verify_model(settings, staging))
+    print(f"{name}: baked into {target}")
+    return model
+
+
+def _bake_verified(target: Path, location: ModelLocation, download: Callable[[Path], None],
+                   verify: Callable[[Path], T]) -> T:
+    """Fill a staging folder from a local copy or the hub, verify it, then give it the baked folder's name."""
     with _staging_folder(target) as staging:
         if location.is_local:
             shutil.copytree(location.path, staging, dirs_exist_ok=True)
         else:
-            _download_model(settings, name, staging)
-        # Verified before it takes the baked folder's name, so a failed bake leaves nothing behind.
-        model = _verify_model(settings, staging)
-    print(f"{name}: baked into {target}")
-    return model
+            download(staging)
+        return verify(staging)
 
 
 def bake_tokenizer(settings: Settings, name: str, allow_download: bool, model: SentenceTransformer) -> Path:
@@ -71,12 +80,8 @@ def bake_tokenizer(settings: Settings, name: str, allow_download: bool, model: S
         return target
     location = _locate(name, settings, allow_download)
     print(f"{name}: tokenizer found in {location.source} {location.path}")
-    with _staging_folder(target) as staging:
-        if location.is_local:
-            shutil.copytree(location.path, staging, dirs_exist_ok=True)
-        else:
-            _download_tokenizer(location.path, staging)
-        _verify_tokenizer(settings, staging, model)
+    _bake_verified(target, location, lambda staging: _download_tokenizer(location.path, staging),
+                   lambda staging: _verify_tokenizer(settings, staging, model))
     print(f"{name}: tokenizer baked into {target}")
     return target
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -54,8 +53,6 @@ class EmbeddingService:
         self._error: str | None = None
         self._text: TextEmbedder | None = None
         self._batcher: Batcher | None = None
-        # How many requests each model batch served: {requests in the batch: batches}.
-        self.requests_per_batch: Counter[int] = Counter()
         self._batch_observers: list[Callable[[BatchStats], None]] = []
         self._images: ImageEmbedder | None = None  # stays None for a text-only model
         self._loader: threading.Thread | None = None
@@ -196,7 +193,6 @@ class EmbeddingService:
         self._batch_observers.append(observer)
 
     def _record_batch(self, stats: BatchStats) -> None:
-        self.requests_per_batch[stats.jobs] += 1
         for observer in self._batch_observers:
             observer(stats)
 

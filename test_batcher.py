@@ -11,10 +11,9 @@ import pytest
 import requests
 
 from batcher import Batcher, BatchLimits, QueueFullError
-from conftest import TEST_API_KEY, start_live_server
+from conftest import TEST_API_KEY, running_service, start_live_server
 from embeddings import plan_forward_passes
 from main import create_app
-from service import EmbeddingService
 
 QUERIES = [f"how do I cook recipe number {n} with {'rice' if n % 2 else 'beans'}" for n in range(24)]
 DOCUMENT = "A long document about the history of bridges and how they are built. " * 60
@@ -34,11 +33,15 @@ def test_plan_forward_passes_respects_both_limits_and_groups_by_length():
 
 @pytest.fixture(scope="module")
 def batching_service(test_settings):
-    service = EmbeddingService(replace(test_settings, batch_wait_ms=20))
-    service.start_loading()
-    assert service.wait_until_loaded(120)
-    yield service
-    service.stop()
+    with running_service(replace(test_settings, batch_wait_ms=20)) as service:
+        yield service
+
+
+def requests_per_batch(service) -> list[int]:
+    """Record how many requests each of the service's model batches served from now on."""
+    seen: list[int] = []
+    service.observe_batches(lambda stats: seen.append(stats.jobs))
+    return seen
 
 
 def test_concurrent_requests_are_batched_and_equal_unbatched_results(batching_service, text_embedder):
@@ -49,28 +52,24 @@ def test_concurrent_requests_are_batched_and_equal_unbatched_results(batching_se
         barrier.wait()
         return batching_service.embed_texts(texts)
 
-    batching_service.requests_per_batch.clear()
+    batches = requests_per_batch(batching_service)
     with ThreadPoolExecutor(len(inputs)) as pool:
         results = list(pool.map(embed, inputs))
     for texts, result in zip(inputs, results):
         assert len(result.vectors) == len(texts)
         for text, vector in zip(texts, result.vectors):
             np.testing.assert_allclose(vector, text_embedder.embed([text])[0], atol=1e-5)
-    assert max(batching_service.requests_per_batch) > 1, batching_service.requests_per_batch
+    assert max(batches) > 1, batches
 
 
 def test_batching_off_runs_one_request_per_batch(test_settings, text_embedder):
-    service = EmbeddingService(replace(test_settings, batch_wait_ms=0))
-    service.start_loading()
-    assert service.wait_until_loaded(120)
-    try:
+    with running_service(replace(test_settings, batch_wait_ms=0)) as service:
+        batches = requests_per_batch(service)
         with ThreadPoolExecutor(8) as pool:
             results = list(pool.map(lambda text: service.embed_texts([text]), QUERIES[:8]))
         for text, result in zip(QUERIES, results):
             np.testing.assert_allclose(result.vectors[0], text_embedder.embed([text])[0], atol=1e-5)
-        assert set(service.requests_per_batch) == {1}
-    finally:
-        service.stop()
+        assert set(batches) == {1} and len(batches) == 8
 
 
 class GatedEncoder:
@@ -185,10 +184,11 @@ def test_stop_finishes_every_accepted_request(text_embedder):
 
 
 def test_http_overload_gets_429_with_retry_after_and_accepted_requests_complete(test_settings, text_embedder):
-    service = EmbeddingService(replace(test_settings, queue_max=2))
-    service.start_loading()
-    assert service.wait_until_loaded(120)
-    live = start_live_server(create_app(test_settings, service))
+    with running_service(replace(test_settings, queue_max=2)) as service:
+        check_http_overload(start_live_server(create_app(test_settings, service)), text_embedder)
+
+
+def check_http_overload(live, text_embedder):
     try:
         texts = [DOCUMENT + str(n) for n in range(24)]
 
@@ -209,7 +209,6 @@ def test_http_overload_gets_429_with_retry_after_and_accepted_requests_complete(
                 np.testing.assert_allclose(vector, text_embedder.embed([text])[0], atol=1e-5)
     finally:
         live.stop()
-        service.stop()
 
 
 def test_a_client_that_disconnects_does_not_break_the_batch(server, text_embedder):

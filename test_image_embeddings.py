@@ -30,7 +30,7 @@ import pytest
 import requests
 from PIL import Image, ImageOps
 
-from conftest import MODEL_LOAD_TIMEOUT, TEST_API_KEY, start_live_server
+from conftest import TEST_API_KEY, running_service, start_live_server
 from config import Settings, SettingsError, load_settings
 from image_embeddings import ImageInputError, ImageTooLargeError, decode_base64_image, open_image, to_rgb
 from main import create_app
@@ -448,25 +448,25 @@ def test_real_clip_places_colours_next_to_their_names():
     # Upstream measured with clip-ViT-B-32: red text vs red square 0.294, vs blue square 0.233;
     # blue text vs blue square 0.293, vs red square 0.237.
     settings = Settings(api_keys=(TEST_API_KEY,), embedding_model=real_clip_folder())
-    service = EmbeddingService(settings)
-    service.start_loading()
-    assert service.wait_until_loaded(MODEL_LOAD_TIMEOUT), service.readiness()
-    live = start_live_server(create_app(settings, service))
-    try:
-        red = embed_image(live, b64(encoded(Image.new("RGB", (224, 224), (255, 0, 0)))))
-        blue = embed_image(live, b64(encoded(Image.new("RGB", (224, 224), (0, 0, 255)))))
-        texts = post(live, "/embeddings/batch", json={"texts": ["a solid red color", "a solid blue color"]})
-        red_text, blue_text = (np.array(vector[0]) for vector in texts.json()["embeddings"])
-    finally:
-        live.stop()
+    with running_service(settings) as service:
+        live = start_live_server(create_app(settings, service))
+        try:
+            red = embed_image(live, b64(encoded(Image.new("RGB", (224, 224), (255, 0, 0)))))
+            blue = embed_image(live, b64(encoded(Image.new("RGB", (224, 224), (0, 0, 255)))))
+            texts = post(live, "/embeddings/batch", json={"texts": ["a solid red color", "a solid blue color"]})
+            red_text, blue_text = (np.array(vector[0]) for vector in texts.json()["embeddings"])
+        finally:
+            live.stop()
     assert cosine(red_text, red) > cosine(red_text, blue)
     assert cosine(blue_text, blue) > cosine(blue_text, red)
 
 
 def test_image_overload_gets_429_and_accepted_images_are_correct(clip_settings, clip_model, monkeypatch):
-    service = EmbeddingService(replace(clip_settings, queue_max=1))
-    service.start_loading()
-    assert service.wait_until_loaded(MODEL_LOAD_TIMEOUT)
+    with running_service(replace(clip_settings, queue_max=1)) as service:
+        check_image_overload(service, clip_model, monkeypatch)
+
+
+def check_image_overload(service, clip_model, monkeypatch):
     image_embedder = service.require_image_support()
     gate, entered = threading.Event(), threading.Event()
     real_embed = image_embedder.embed_prepared
