@@ -65,9 +65,25 @@ def authorise_with_api_key(driver, key: str) -> None:
     wait_for(driver, "button.btn-done").click()
 
 
-def test_docs_page_lists_every_route_and_runs_an_authorised_request(server, browser):
+def try_it_out(driver, operation_id: str) -> tuple[str, str]:
+    """Expand an operation, press Try it out and Execute; the status and body the page shows."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
+
+    # Expanded with one click on a page opened without a deep link: a deep link expands the
+    # operation while the page settles, and the click could then collapse it again.
+    operation = wait_for(driver, f"#operations-{operation_id}")
+    operation.find_element(By.CSS_SELECTOR, ".opblock-summary-control").click()
+    wait_for(driver, f"#operations-{operation_id} button.try-out__btn").click()
+    wait_for(driver, f"#operations-{operation_id} button.execute").click()
+    status = wait_for(driver, ".live-responses-table .response .response-col_status", root=operation)
+    WebDriverWait(driver, WAIT_SECONDS).until(lambda _: status.text.strip())
+    body = operation.find_element(By.CSS_SELECTOR, ".live-responses-table .response-col_description pre").text
+    return status.text.strip(), body
+
+
+def test_docs_page_lists_every_route_and_runs_an_authorised_request(server, browser):
+    from selenium.webdriver.common.by import By
 
     browser.get(server.url + "/docs")
     wait_for(browser, ".opblock")
@@ -78,15 +94,8 @@ def test_docs_page_lists_every_route_and_runs_an_authorised_request(server, brow
     assert listed == set(document["paths"])
 
     authorise_with_api_key(browser, TEST_API_KEY)
-    operation = wait_for(browser, "#operations-embeddings-embed_text")
-    operation.find_element(By.CSS_SELECTOR, ".opblock-summary-control").click()
-    wait_for(browser, "#operations-embeddings-embed_text button.try-out__btn").click()
-    wait_for(browser, "#operations-embeddings-embed_text button.execute").click()
-
-    status = wait_for(browser, ".live-responses-table .response .response-col_status", root=operation)
-    WebDriverWait(browser, WAIT_SECONDS).until(lambda _: status.text.strip())
-    body = operation.find_element(By.CSS_SELECTOR, ".live-responses-table .response-col_description pre").text
-    assert status.text.strip().startswith("200"), body
+    status, body = try_it_out(browser, "embeddings-embed_text")
+    assert status.startswith("200"), body
     vector = json.loads(body)["embeddings"][0]
     assert len(vector) == 384 and all(isinstance(value, float) for value in vector)
 
@@ -96,17 +105,7 @@ def test_docs_page_lists_every_route_and_runs_an_authorised_request(server, brow
 
 
 def test_docs_page_without_the_key_gets_401(server, browser):
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
     browser.get("about:blank")  # a fresh page: the key entered in the other test is forgotten
-    # No deep link: it expands the operation while the page settles, and a click could then
-    # collapse it again. Opened collapsed, one click expands it, as in the test above.
     browser.get(server.url + "/docs")
-    operation = wait_for(browser, "#operations-openai-list_models")
-    operation.find_element(By.CSS_SELECTOR, ".opblock-summary-control").click()
-    wait_for(browser, "#operations-openai-list_models button.try-out__btn").click()
-    wait_for(browser, "#operations-openai-list_models button.execute").click()
-    status = wait_for(browser, ".live-responses-table .response .response-col_status", root=operation)
-    WebDriverWait(browser, WAIT_SECONDS).until(lambda _: status.text.strip())
-    assert status.text.strip().startswith("401")
+    status, body = try_it_out(browser, "openai-list_models")
+    assert status.startswith("401"), body
