@@ -14,6 +14,11 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_API_KEY = "abc123"
 DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
+# "auto" serves the model exported at build time on OpenVINO; "torch" serves the
+# sentence-transformers model itself, for models that cannot be exported.
+ENGINES = ("auto", "torch")
+# "auto" takes the fastest precision the CPU supports that passes the start-up self-check.
+ENGINE_PRECISIONS = ("auto", "f32")
 
 
 class SettingsError(ValueError):
@@ -41,13 +46,15 @@ class Settings:
     tokenizer_model: str | None = None
     models_dir: str = "/models"
     allow_model_download: bool = False
-    # Serving: gunicorn processes, request threads per process, torch threads per forward pass.
-    # Measured on 2 cores: two workers of one torch thread each served 16 clients about 30%
-    # faster than one worker of two threads (two GILs share the HTTP work), at the same lone-query
-    # latency. Each worker holds its own copy of the model, so more than two cost memory.
+    engine: str = "auto"
+    engine_precision: str = "auto"
+    # Serving: gunicorn processes, request threads per process, engine threads per forward pass.
+    # OpenVINO releases the GIL while it infers, so one process with every core serves best and
+    # holds one copy of the model. torch does not (its idle threads spin and one GIL serialises the
+    # HTTP work): on 2 cores two workers of one torch thread served 16 clients about 30% faster.
     workers: int = field(default_factory=lambda: default_workers(available_cpus()))
     threads: int = 64
-    torch_num_threads: int = field(default_factory=lambda: default_torch_threads(available_cpus()))
+    engine_threads: int = field(default_factory=lambda: default_engine_threads(available_cpus()))
     # Dynamic batching: tokens gathered per batch (and padded tokens per forward pass),
     # milliseconds to wait for company under concurrent traffic (0 turns batching off),
     # and requests waiting at most before new ones get 429.
@@ -80,13 +87,13 @@ def _positive_int(environ: Mapping[str, str], name: str, default: int) -> int:
     return _whole_number(environ, name, default, minimum=1)
 
 
-def default_workers(cpus: int) -> int:
-    return min(cpus, 2)
+def default_workers(cpus: int, engine: str = "auto") -> int:
+    return min(cpus, 2) if engine == "torch" else 1
 
 
-def default_torch_threads(cpus: int, workers: int | None = None) -> int:
-    """Torch threads per worker so that all workers together use every CPU."""
-    return max(1, cpus // (workers or default_workers(cpus)))
+def default_engine_threads(cpus: int, workers: int | None = None, engine: str = "auto") -> int:
+    """Engine threads per worker so that all workers together use every CPU."""
+    return max(1, cpus // (workers or default_workers(cpus, engine)))
 
 
 def available_cpus() -> int:
@@ -110,6 +117,21 @@ def _flag(environ: Mapping[str, str], name: str) -> bool:
     raise SettingsError(f"{name} must be true or false, got {raw!r}")
 
 
+def _choice(environ: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
+    raw = environ.get(name, "").strip().lower() or default
+    if raw not in choices:
+        raise SettingsError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+    return raw
+
+
+def _engine_threads(environ: Mapping[str, str], cpus: int, workers: int, engine: str) -> int:
+    # TORCH_NUM_THREADS is the name earlier releases used; ENGINE_THREADS wins when both are set.
+    default = default_engine_threads(cpus, workers, engine)
+    if environ.get("ENGINE_THREADS", "").strip():
+        return _positive_int(environ, "ENGINE_THREADS", default)
+    return _positive_int(environ, "TORCH_NUM_THREADS", default)
+
+
 def _api_keys(environ: Mapping[str, str]) -> tuple[str, ...]:
     raw = environ.get("VECTOR_EMBEDDER_API_KEY")
     if raw is None:
@@ -127,7 +149,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     defaults = Settings()
     cpus = available_cpus()
     port = _positive_int(environ, "PORT", defaults.port)
-    workers = _positive_int(environ, "WORKERS", default_workers(cpus))
+    engine = _choice(environ, "ENGINE", ENGINES, defaults.engine)
+    workers = _positive_int(environ, "WORKERS", default_workers(cpus, engine))
     if port > 65535:
         raise SettingsError(f"PORT must be at most 65535, got {port}")
     return Settings(
@@ -144,10 +167,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         tokenizer_model=environ.get("TOKENIZER_MODEL", "").strip() or None,
         models_dir=environ.get("MODELS_DIR", "").strip() or defaults.models_dir,
         allow_model_download=_flag(environ, "ALLOW_MODEL_DOWNLOAD"),
+        engine=engine,
+        engine_precision=_choice(environ, "ENGINE_PRECISION", ENGINE_PRECISIONS, defaults.engine_precision),
         workers=workers,
         threads=_positive_int(environ, "THREADS", defaults.threads),
-        torch_num_threads=_positive_int(environ, "TORCH_NUM_THREADS",
-                                        default_torch_threads(cpus, workers)),
+        engine_threads=_engine_threads(environ, cpus, workers, engine),
         batch_max_tokens=_positive_int(environ, "BATCH_MAX_TOKENS", defaults.batch_max_tokens),
         batch_wait_ms=_whole_number(environ, "BATCH_WAIT_MS", defaults.batch_wait_ms, minimum=0),
         queue_max=_positive_int(environ, "QUEUE_MAX", defaults.queue_max),

@@ -1,4 +1,11 @@
-"""Shared test fixtures: the real bundled model and real HTTP servers on loopback."""
+"""Shared test fixtures: the real bundled model and real HTTP servers on loopback.
+
+The bundled model (and the tiny CLIP of tiny_clip.py) are baked and exported into a
+temporary MODELS_DIR once per test session by download_models.py's own functions, as
+`make run` and the image build do; the services under test then serve those exports on
+the default engine. `torch_service` serves the same model on the torch fallback engine,
+and `reference_model` is the sentence-transformers model itself, for reference vectors.
+"""
 from __future__ import annotations
 
 import os
@@ -12,6 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import pytest
 import requests
 from werkzeug.serving import make_server
@@ -22,10 +30,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from benchmark_embeddings import free_port  # noqa: E402
 from config import Settings  # noqa: E402
 from main import create_app  # noqa: E402
+from self_check import TEXT_MIN_COSINE, cosine_rows  # noqa: E402
 from service import EmbeddingService  # noqa: E402
 
 TEST_API_KEY = "test-key"
 MODEL_LOAD_TIMEOUT = 120
+# The same engine on the same input, batched or not: only the order of float sums may differ.
+SAME_ENGINE_MIN_COSINE = 0.99999
+
+
+def assert_same_vectors(actual, expected, min_cosine: float = TEXT_MIN_COSINE) -> None:
+    """Vectors that point the same way row by row: an engine's against torch's (the self-check's bound)."""
+    actual = np.atleast_2d(np.asarray(actual, dtype=np.float64))
+    expected = np.atleast_2d(np.asarray(expected, dtype=np.float64))
+    assert actual.shape == expected.shape
+    cosines = cosine_rows(actual, expected)
+    assert cosines.min() >= min_cosine, f"cosines {cosines} below {min_cosine}"
 
 
 @dataclass
@@ -47,9 +67,32 @@ def start_live_server(app) -> LiveServer:
     return LiveServer(f"http://127.0.0.1:{server.server_port}", server, thread)
 
 
+def bake_and_export(settings: Settings) -> None:
+    """What `make run` and the image build do for the configured model: bake it, then export it."""
+    import download_models
+    download_models.prepare_models(settings, allow_download=False)
+
+
 @pytest.fixture(scope="session")
-def test_settings() -> Settings:
-    return Settings(api_keys=(TEST_API_KEY,))
+def models_dir(tmp_path_factory) -> Path:
+    """A MODELS_DIR holding the bundled model, baked and exported."""
+    folder = tmp_path_factory.mktemp("models")
+    bake_and_export(Settings(models_dir=str(folder)))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def test_settings(models_dir) -> Settings:
+    return Settings(api_keys=(TEST_API_KEY,), models_dir=str(models_dir))
+
+
+@pytest.fixture(scope="session")
+def reference_model():
+    """The bundled sentence-transformers model on torch: what every engine's vectors are checked against."""
+    from model_locator import locate_model
+    from sentence_transformers import SentenceTransformer
+    location = locate_model("all-MiniLM-L6-v2", "/nonexistent", allow_download=False)
+    return SentenceTransformer(location.path, device="cpu")
 
 
 @contextmanager
@@ -77,6 +120,13 @@ def text_embedder(loaded_service):
 
 
 @pytest.fixture(scope="session")
+def torch_service(test_settings) -> EmbeddingService:
+    """The bundled model on the torch fallback engine (ENGINE=torch)."""
+    with running_service(replace(test_settings, engine="torch")) as service:
+        yield service
+
+
+@pytest.fixture(scope="session")
 def server(test_settings, loaded_service):
     live = start_live_server(create_app(test_settings, loaded_service))
     yield live
@@ -84,11 +134,20 @@ def server(test_settings, loaded_service):
 
 
 @pytest.fixture(scope="session")
-def tiny_clip_settings(tmp_path_factory) -> Settings:
-    """Settings that serve the tiny random CLIP (tiny_clip.py), built once per test session."""
+def tiny_clip_settings(tmp_path_factory, models_dir) -> Settings:
+    """Settings that serve the tiny random CLIP (tiny_clip.py), built, baked and exported once per test session."""
     from tiny_clip import write_tiny_clip
     folder = write_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
-    return Settings(api_keys=(TEST_API_KEY,), embedding_model=str(folder))
+    settings = Settings(api_keys=(TEST_API_KEY,), embedding_model=str(folder), models_dir=str(models_dir))
+    bake_and_export(settings)
+    return settings
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_model(tiny_clip_settings):
+    """The tiny CLIP as a sentence-transformers model on torch, for reference vectors."""
+    from sentence_transformers import SentenceTransformer
+    return SentenceTransformer(tiny_clip_settings.embedding_model, device="cpu")
 
 
 @pytest.fixture(scope="session")
@@ -101,7 +160,6 @@ def tiny_clip_service(tiny_clip_settings) -> EmbeddingService:
 def tiny_clip_server(tiny_clip_settings, tiny_clip_service):
     """A real server on loopback with text and image routes live (the tiny CLIP)."""
     live = start_live_server(create_app(tiny_clip_settings, tiny_clip_service))
-    live.model = tiny_clip_service._ready_text_embedder().model
     yield live
     live.stop()
 
@@ -159,10 +217,12 @@ class GunicornServer:
         return self.process.returncode
 
 
-def start_gunicorn(log_dir: Path, **env_changes: str) -> GunicornServer:
-    """gunicorn with the project's gunicorn.conf.py on a free loopback port; output goes to a file."""
+def start_gunicorn(log_dir: Path, models_dir: Path, **env_changes: str) -> GunicornServer:
+    """gunicorn with the project's gunicorn.conf.py on a free loopback port, serving models_dir's exports.
+
+    Output goes to a file."""
     port = free_port()
-    env = {**os.environ, "PORT": str(port), **env_changes}
+    env = {**os.environ, "PORT": str(port), "MODELS_DIR": str(models_dir), **env_changes}
     log_path = log_dir / f"gunicorn-{port}.log"
     command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{port}",
                "main:create_app()"]

@@ -1,13 +1,21 @@
-"""Bake the configured models into MODELS_DIR, at image build time.
+"""Bake the configured models into MODELS_DIR and export them for the engine, at build or set-up time.
 
-`python download_models.py` reads EMBEDDING_MODEL, TOKENIZER_MODEL and
+`python download_models.py` reads EMBEDDING_MODEL, TOKENIZER_MODEL, ENGINE and
 MODELS_DIR like the service does, finds each model in the same places the
 service looks (`model_locator.locate_model`), and puts it in the folder the
 service loads baked models from (`model_locator.baked_model_dir`): copied from
 a local folder or an installed package, or downloaded from the model hub when
 the build has network. The baked model is then loaded through the service's
 own loader and asked for one vector, so a broken bake fails the build rather
-than the first request. A model already baked and loading is left alone.
+than the first request.
+
+Unless ENGINE=torch, the baked model is then exported for OpenVINO
+(model_export.py) into `model_locator.exported_model_dir`, and the export is
+loaded the way the service loads it and must pass the self-check against the
+torch model's vectors; a model that cannot be exported or checked fails the
+build with the reason and how to build with the torch engine instead. A model
+already baked, or already exported from the same files and passing its
+self-check, is left alone.
 """
 from __future__ import annotations
 
@@ -22,7 +30,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence, TypeVar
 
 from config import Settings, SettingsError, load_settings
-from model_locator import ModelLocation, ModelNotFoundError, baked_model_dir, locate_model
+from manifest import MANIFEST_FILE, Manifest, fingerprint
+from model_loading import EXPORT_ENGINE, load_exported_models
+from model_locator import ModelLocation, ModelNotFoundError, baked_model_dir, exported_model_dir, locate_model
 
 T = TypeVar("T")
 
@@ -113,11 +123,12 @@ def _staging_folder(target: Path) -> Iterator[Path]:
 
 def _download_model(settings: Settings, name: str, folder: Path) -> None:
     """Download through the service's loader (huggingface_hub shows progress bars), then save the model alone."""
-    from embeddings import load_model  # torch loads only when a model is really needed
+    from torch_engine import load_sentence_transformer  # torch loads only when a model is really needed
 
     # The hub's cache stays behind in the build stage; only the saved folder goes into the image.
     try:
-        model = load_model(replace(settings, embedding_model=name, tokenizer_model=None, allow_model_download=True))
+        model = load_sentence_transformer(replace(settings, embedding_model=name, tokenizer_model=None,
+                                                  allow_model_download=True))
     except OSError as error:
         raise BakeError(f"model {name!r} is not on this machine, and downloading it from the model hub "
                         f"failed (is the name right, and does the build have network?): {error}") from None
@@ -140,10 +151,10 @@ def _download_tokenizer(hub_name: str, folder: Path) -> None:
 
 def _verify_model(settings: Settings, folder: Path) -> SentenceTransformer:
     """Load the folder through the service's loader, offline, and encode one text (and one image if it can)."""
-    from embeddings import load_model
+    from torch_engine import load_sentence_transformer
 
-    model = load_model(replace(settings, embedding_model=str(folder), tokenizer_model=None,
-                               allow_model_download=False))
+    model = load_sentence_transformer(replace(settings, embedding_model=str(folder), tokenizer_model=None,
+                                              allow_model_download=False))
     _check_vector(model.encode([VERIFY_TEXT])[0], "text")
     if "image" in model.modalities:
         from PIL import Image
@@ -162,12 +173,75 @@ def _check_vector(vector: Sequence[float], what: str) -> None:
 
 def _verify_tokenizer(settings: Settings, folder: Path, model: SentenceTransformer) -> None:
     """Load the tokenizer folder as the service does, offline, which also checks that it fits the model."""
-    from embeddings import load_tokenizer
+    from torch_engine import load_transformers_tokenizer
 
-    tokenizer = load_tokenizer(replace(settings, tokenizer_model=str(folder), allow_model_download=False), model)
+    tokenizer = load_transformers_tokenizer(replace(settings, tokenizer_model=str(folder), allow_model_download=False),
+                                            model)
     if not tokenizer(VERIFY_TEXT)["input_ids"]:
         raise BakeError(f"the tokenizer in {folder} turns a sentence into no tokens")
     print("  verified: the tokenizer loads offline and fits the model")
+
+
+def export_baked_model(settings: Settings, name: str) -> Path:
+    """Export the baked model `name` for the engine and prove the export; an export already proven is kept."""
+    source = baked_model_dir(settings.models_dir, name)
+    target = exported_model_dir(settings.models_dir, name, EXPORT_ENGINE)
+    if (target / MANIFEST_FILE).is_file():
+        if _export_is_current(settings, source, target):
+            return target
+        shutil.rmtree(target)
+    print(f"{name}: exporting for {EXPORT_ENGINE}")
+    try:
+        with _staging_folder(target) as staging:
+            from model_export import export_model  # torch and the exporter load only when there is work
+
+            export_model(settings, source, staging)
+            _report_check(load_exported_models(replace(settings, embedding_model=str(staging))))
+    except Exception as error:
+        raise BakeError(f"model {name!r} cannot be served by {EXPORT_ENGINE} ({type(error).__name__}: {error}). "
+                        f"Serve it with PyTorch instead: build with --build-arg ENGINE=torch, or run with "
+                        f"ENGINE=torch") from error
+    print(f"{name}: exported into {target}")
+    return target
+
+
+def _export_is_current(settings: Settings, source: Path, target: Path) -> bool:
+    """The export was made from these very model files and still passes its self-check here."""
+    try:
+        manifest = Manifest.read(target)
+        if manifest.source_fingerprint != fingerprint(source):
+            print(f"{settings.embedding_model}: the model changed since {target} was exported; exporting again")
+            return False
+        _report_check(load_exported_models(replace(settings, embedding_model=str(target))))
+    except Exception as error:  # a stale or broken export is made again, never trusted
+        print(f"{settings.embedding_model}: the export in {target} cannot be used ({error}); exporting again")
+        return False
+    print(f"{settings.embedding_model}: already exported in {target}")
+    return True
+
+
+def _report_check(models) -> None:
+    print(f"  verified: {models.engine} {models.precision} reproduces the torch vectors ({models.self_check})")
+
+
+def prepare_models(settings: Settings, allow_download: bool) -> None:
+    """Bake the configured model (and tokenizer), then export it unless the torch engine serves it.
+
+    An export made from the baked files that passes its self-check here proves them both, so
+    then nothing more is done and torch is not even imported: `make run` starts in seconds, and
+    within the memory the service itself is given.
+    """
+    name = settings.embedding_model
+    baked, exported = baked_model_dir(settings.models_dir, name), exported_model_dir(settings.models_dir, name,
+                                                                                     EXPORT_ENGINE)
+    if settings.engine != "torch" and _is_baked(baked) and (exported / MANIFEST_FILE).is_file():
+        if _export_is_current(settings, baked, exported):
+            return
+    model = bake_model(settings, settings.embedding_model, allow_download)
+    if settings.tokenizer_model:
+        bake_tokenizer(settings, settings.tokenizer_model, allow_download, model)
+    if settings.engine != "torch":
+        export_baked_model(settings, settings.embedding_model)
 
 
 def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -186,9 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     allow_download = not arguments.no_download
     try:
-        model = bake_model(settings, settings.embedding_model, allow_download)
-        if settings.tokenizer_model:
-            bake_tokenizer(settings, settings.tokenizer_model, allow_download, model)
+        prepare_models(settings, allow_download)
     except Exception as error:  # every failure ends the build with one readable line
         print(f"Cannot bake the models into {settings.models_dir}: {type(error).__name__}: {error}",
               file=sys.stderr)

@@ -5,26 +5,35 @@ consecutive windows of token ids. Each window is one model input; the window
 vectors are averaged, weighted by how many tokens each window holds, and
 L2-normalised again when the model normalises its own output. The ids used for
 chunking are the ids fed to the model: every text is tokenized exactly once.
+
+The forward passes run on an inference engine (openvino_engine.py, or
+torch_engine.py as the fallback); this module only builds their inputs.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
-import torch
-from sentence_transformers import SentenceTransformer
-from sentence_transformers.base.modules import Normalize
-from transformers import AutoTokenizer
 
-from config import Settings
-from model_locator import locate_model
-
-logger = logging.getLogger(__name__)
+from text_tokenizer import TextTokenizer
 
 # Position embeddings of BERT-style models end at 512; no window is longer.
 LONGEST_WINDOW = 512
+
+
+class TextEncoder(Protocol):
+    """An engine's text tower: one vector per row of padded token ids."""
+
+    def encode_text(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class TextModelShape:
+    """What the text pipeline needs to know of a model besides its tokenizer."""
+    dimension: int
+    max_seq_length: int  # tokens in one window, special tokens included
+    normalizes: bool  # the model ends with a Normalize module
 
 
 @dataclass(frozen=True)
@@ -38,26 +47,23 @@ class TokenizedText:
 
 
 class TextEmbedder:
-    """Turns texts into vectors with a sentence-transformers model."""
+    """Turns texts into vectors with a tokenizer and an engine's text tower."""
 
-    def __init__(self, model: SentenceTransformer, tokenizer: Any, max_batch_size: int,
-                 max_batch_tokens: int) -> None:
-        self.model = model
+    def __init__(self, tokenizer: TextTokenizer, encoder: TextEncoder, shape: TextModelShape,
+                 max_batch_size: int, max_batch_tokens: int) -> None:
         self.tokenizer = tokenizer
+        self.encoder = encoder
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
-        self.max_seq_length = min(model.max_seq_length or LONGEST_WINDOW, LONGEST_WINDOW, position_limit(model))
-        self.prefix_ids, self.suffix_ids = special_token_frame(tokenizer)
+        self.max_seq_length = min(shape.max_seq_length, LONGEST_WINDOW)
+        self.dimension = shape.dimension
+        self.normalizes = shape.normalizes
+        self.prefix_ids, self.suffix_ids = tokenizer.prefix_ids, tokenizer.suffix_ids
         self.window_size = self.max_seq_length - len(self.prefix_ids) - len(self.suffix_ids)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.uses_token_type_ids = "token_type_ids" in tokenizer.model_input_names
-        self.normalizes = any(isinstance(module, Normalize) for module in model)
-        self.dimension = model.get_embedding_dimension()
 
     def tokenize(self, texts: Sequence[str]) -> list[TokenizedText]:
         """Tokenize every text once and split its ids into model-sized windows."""
-        token_ids = self.tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
-        return [TokenizedText(chunk_token_ids(ids, self.window_size)) for ids in token_ids]
+        return [TokenizedText(chunk_token_ids(ids, self.window_size)) for ids in self.tokenizer.token_ids(texts)]
 
     def tokenized_from_ids(self, token_id_lists: Sequence[Sequence[int]]) -> list[TokenizedText]:
         """Texts given as the model's own token ids, split into windows like tokenized text."""
@@ -65,7 +71,7 @@ class TextEmbedder:
 
     @property
     def vocabulary_size(self) -> int:
-        return len(self.tokenizer)
+        return self.tokenizer.vocabulary_size
 
     def tokens_processed(self, text: TokenizedText) -> int:
         """Tokens the model processes for a text, special tokens of every window included."""
@@ -90,17 +96,12 @@ class TextEmbedder:
     def _forward(self, chunks: Sequence[Sequence[int]]) -> np.ndarray:
         sequences = [self.prefix_ids + list(chunk) + self.suffix_ids for chunk in chunks]
         longest = max(len(sequence) for sequence in sequences)
-        input_ids = torch.full((len(sequences), longest), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+        input_ids = np.full((len(sequences), longest), self.tokenizer.pad_id, dtype=np.int64)
+        attention_mask = np.zeros((len(sequences), longest), dtype=np.int64)
         for row, sequence in enumerate(sequences):
-            input_ids[row, :len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+            input_ids[row, :len(sequence)] = sequence
             attention_mask[row, :len(sequence)] = 1
-        features = {"input_ids": input_ids, "attention_mask": attention_mask, "modality": "text"}
-        if self.uses_token_type_ids:
-            features["token_type_ids"] = torch.zeros_like(input_ids)
-        with torch.inference_mode():
-            output = self.model(features)
-        return output["sentence_embedding"].float().numpy()
+        return np.asarray(self.encoder.encode_text(input_ids, attention_mask), dtype=np.float32)
 
     def combine(self, text: TokenizedText, chunk_vectors: np.ndarray) -> np.ndarray:
         """Average a text's window vectors, weighted by their token counts."""
@@ -128,13 +129,6 @@ class TextEmbedder:
     def embed(self, texts: Sequence[str]) -> list[np.ndarray]:
         """One vector per text, in input order."""
         return self.embed_tokenized(self.tokenize(texts))
-
-
-def position_limit(model: SentenceTransformer) -> int:
-    """The most positions the model's text encoder has embeddings for (77 for CLIP, 512 for BERT)."""
-    config = model.transformers_model.config
-    text_config = getattr(config, "text_config", None) or config
-    return getattr(text_config, "max_position_embeddings", None) or LONGEST_WINDOW
 
 
 def all_chunks(texts: Sequence[TokenizedText]) -> list[list[int]]:
@@ -169,43 +163,3 @@ def chunk_token_ids(token_ids: Sequence[int], window_size: int) -> list[list[int
     if not token_ids:
         return [[]]
     return [list(token_ids[start:start + window_size]) for start in range(0, len(token_ids), window_size)]
-
-
-def special_token_frame(tokenizer: Any) -> tuple[list[int], list[int]]:
-    """The special token ids the tokenizer puts before and after a single text.
-
-    Found by tokenizing a probe text, since transformers 5 tokenizers no longer
-    expose a method that adds special tokens to ids.
-    """
-    encoded = tokenizer("probe", add_special_tokens=True, return_special_tokens_mask=True)
-    ids, special = encoded["input_ids"], encoded["special_tokens_mask"]
-    first_content = special.index(0)
-    last_content = len(special) - 1 - special[::-1].index(0)
-    return list(ids[:first_content]), list(ids[last_content + 1:])
-
-
-def load_model(settings: Settings) -> SentenceTransformer:
-    """Load the configured model on the CPU from the first place it is found."""
-    location = locate_model(settings.embedding_model, settings.models_dir, settings.allow_model_download)
-    logger.info("Loading model %s from %s (%s)", location.name, location.path, location.source)
-    return SentenceTransformer(location.path, device="cpu", local_files_only=location.is_local)
-
-
-def load_tokenizer(settings: Settings, model: SentenceTransformer) -> Any:
-    """The model's own tokenizer, or TOKENIZER_MODEL's when it is set."""
-    if not settings.tokenizer_model:
-        return model.tokenizer
-    location = locate_model(settings.tokenizer_model, settings.models_dir, settings.allow_model_download)
-    logger.info("Loading tokenizer %s from %s (%s)", location.name, location.path, location.source)
-    tokenizer = AutoTokenizer.from_pretrained(location.path, local_files_only=location.is_local)
-    model_vocabulary = getattr(model.transformers_model.config, "vocab_size", None)
-    if model_vocabulary is not None and len(tokenizer) > model_vocabulary:
-        raise ValueError(
-            f"TOKENIZER_MODEL {settings.tokenizer_model!r} has {len(tokenizer)} tokens but model "
-            f"{settings.embedding_model!r} knows only {model_vocabulary}: they do not belong together"
-        )
-    return tokenizer
-
-
-def load_text_embedder(settings: Settings, model: SentenceTransformer) -> TextEmbedder:
-    return TextEmbedder(model, load_tokenizer(settings, model), settings.max_batch_size, settings.batch_max_tokens)

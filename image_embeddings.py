@@ -7,27 +7,22 @@ an animated file is ever decoded. Each image is reduced to the model's input
 tensor as soon as it is decoded, so a batch holds at most one full-size image
 at a time.
 
-A model embeds images when its first module supports the "image" modality,
-as a CLIP model loaded by sentence-transformers does; its text tower is used
-through the text embedder, so texts and images land in the same vector space.
+A CLIP model embeds images with its image tower on the inference engine, after
+the model's own preprocessing reproduced with Pillow and numpy; its text tower
+is used through the text embedder, so texts and images land in one vector space.
 """
 from __future__ import annotations
 
 import base64
 import binascii
 import io
+import math
 import re
-from typing import TYPE_CHECKING, Any, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-
-from config import Settings
-
-if TYPE_CHECKING:
-    # torch and sentence-transformers load in the model-loading thread, not when the web layer
-    # imports this module for its decoding functions, so /health answers while they import.
-    from sentence_transformers import SentenceTransformer
 
 # The formats the service accepts. Pillow's JPEG opener also reads the MPO files many phone
 # cameras write (a JPEG with preview pictures appended); only the first picture is decoded.
@@ -168,27 +163,81 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 # --- embedding --------------------------------------------------------------
 
-def supports_images(model: SentenceTransformer) -> bool:
-    """Whether the loaded model embeds images, read from its modules rather than its name."""
-    return "image" in model.modalities
+class ImageEncoder(Protocol):
+    """An engine's image tower: one vector per preprocessed image (N x 3 x H x W float32)."""
+
+    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class ImagePreprocessing:
+    """The model's image processor, reproduced with Pillow and numpy (CLIP's steps and values).
+
+    Resize so the shortest edge is `shortest_edge` (bicubic), crop the centre to
+    crop_height x crop_width, scale the 8-bit values by `rescale_factor`, then
+    normalise each channel with `mean` and `std`.
+    """
+    shortest_edge: int
+    crop_height: int
+    crop_width: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    rescale_factor: float = 1 / 255
+    resample: int = int(Image.Resampling.BICUBIC)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ImagePreprocessing:
+        return cls(**{**values, "mean": tuple(values["mean"]), "std": tuple(values["std"])})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def pixel_values(self, image: Image.Image) -> np.ndarray:
+        """One RGB image as the model's input: 3 x crop_height x crop_width float32."""
+        resized = image.resize(self._resized_size(image.size), resample=self.resample)
+        pixels = center_crop(np.asarray(resized, dtype=np.float32), self.crop_height, self.crop_width)
+        pixels = (pixels * self.rescale_factor - np.asarray(self.mean, dtype=np.float32)) \
+            / np.asarray(self.std, dtype=np.float32)
+        return np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32)
+
+    def _resized_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(width, height) with the shortest edge at shortest_edge, the other edge truncated as transformers does."""
+        width, height = size
+        short, long = (width, height) if width <= height else (height, width)
+        new_long = int(self.shortest_edge * long / short)
+        return (self.shortest_edge, new_long) if width <= height else (new_long, self.shortest_edge)
+
+
+def center_crop(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The centre height x width of an H x W x C array, padded with black where the image is smaller."""
+    original_height, original_width = pixels.shape[:2]
+    if original_height < height or original_width < width:
+        padded = np.zeros((max(height, original_height), max(width, original_width), pixels.shape[2]),
+                          dtype=pixels.dtype)
+        top = math.ceil((padded.shape[0] - original_height) / 2)
+        left = math.ceil((padded.shape[1] - original_width) / 2)
+        padded[top:top + original_height, left:left + original_width] = pixels
+        pixels = padded
+    top = (pixels.shape[0] - height) // 2
+    left = (pixels.shape[1] - width) // 2
+    return pixels[top:top + height, left:left + width]
 
 
 class ImageEmbedder:
-    """Turns images into vectors with a multimodal sentence-transformers model."""
+    """Turns images into vectors with an engine's image tower."""
 
-    def __init__(self, model: SentenceTransformer, max_batch_size: int, max_pixels: int) -> None:
-        if not supports_images(model):
-            raise ValueError(f"The model supports only {model.modalities}, not images")
-        self.model = model
+    def __init__(self, encoder: ImageEncoder, preprocessing: ImagePreprocessing, max_batch_size: int,
+                 max_pixels: int) -> None:
+        self.encoder = encoder
+        self.preprocessing = preprocessing
         self.max_batch_size = max_batch_size
         self.max_pixels = max_pixels
-        self.dimension = model.get_embedding_dimension()
 
-    def prepare(self, image: Image.Image) -> dict[str, Any]:
-        """The model's input features for one image (resized, cropped, normalised)."""
-        return self.model.preprocess([image])
+    def prepare(self, image: Image.Image) -> np.ndarray:
+        """The model's input for one image (resized, cropped, normalised)."""
+        return self.preprocessing.pixel_values(image)
 
-    def prepare_encoded(self, encoded_images: Sequence[bytes]) -> list[dict[str, Any]]:
+    def prepare_encoded(self, encoded_images: Sequence[bytes]) -> list[np.ndarray]:
         """Decode and prepare each image in turn, so only one full-size image is held at a time.
 
         An image that cannot be used raises its error with `index` set to its position.
@@ -202,32 +251,14 @@ class ImageEmbedder:
                 raise
         return prepared
 
-    def embed_prepared(self, prepared: Sequence[dict[str, Any]]) -> list[np.ndarray]:
+    def embed_prepared(self, prepared: Sequence[np.ndarray]) -> list[np.ndarray]:
         """One vector per prepared image, in input order, in forward passes of at most max_batch_size images."""
-        import torch
         vectors = []
         for start in range(0, len(prepared), self.max_batch_size):
-            features = _concatenate(prepared[start:start + self.max_batch_size])
-            with torch.inference_mode():
-                output = self.model(features)
-            vectors.extend(output["sentence_embedding"].float().numpy())
+            batch = np.stack(prepared[start:start + self.max_batch_size])
+            vectors.extend(np.asarray(self.encoder.encode_images(batch), dtype=np.float32))
         return vectors
 
     def embed(self, images: Sequence[Image.Image]) -> list[np.ndarray]:
         """One vector per decoded image, in input order."""
         return self.embed_prepared([self.prepare(to_rgb(image)) for image in images])
-
-
-def _concatenate(prepared: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Features of single images joined into one batch; non-tensor entries (the modality) are shared."""
-    import torch
-    first = prepared[0]
-    return {key: torch.cat([features[key] for features in prepared]) if isinstance(value, torch.Tensor) else value
-            for key, value in first.items()}
-
-
-def load_image_embedder(settings: Settings, model: SentenceTransformer) -> ImageEmbedder | None:
-    """An image embedder on the loaded model, or None when the model embeds text only."""
-    if not supports_images(model):
-        return None
-    return ImageEmbedder(model, settings.max_batch_size, settings.max_image_pixels)

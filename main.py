@@ -222,10 +222,7 @@ def metrics():
     # Behind the API key unless the operator opens it for a scraper without credentials.
     if not settings().metrics_public:
         require_api_key()
-    service, app_metrics = embedding_service(), current_app.extensions["metrics"]
-    if service.load_seconds is not None:
-        app_metrics.model_load_seconds.set(service.load_seconds)
-    return observability.metrics_response(app_metrics)
+    return observability.metrics_response(current_app.extensions["metrics"])
 
 
 @api.post("/embeddings")
@@ -376,6 +373,7 @@ def create_app(app_settings: Settings | None = None, service: EmbeddingService |
     app.extensions["metrics"] = app_metrics
     observability.install(app, app_metrics)
     service.observe_batches(lambda stats: record_batch(app_metrics, stats))
+    service.observe_load(app_metrics.record_load)
     # Imported here because both modules build on this one's helpers.
     from api_docs import docs
     from openai_api import openai_api

@@ -24,6 +24,10 @@ class ModelNotFoundError(RuntimeError):
     """The model is in none of the places the service may load it from."""
 
 
+class ExportNotFoundError(ModelNotFoundError):
+    """No exported copy of the model exists for the inference engine."""
+
+
 @dataclass(frozen=True)
 class ModelLocation:
     name: str
@@ -44,6 +48,24 @@ def hub_id(name: str) -> str:
 def baked_model_dir(models_dir: str | Path, name: str) -> Path:
     """The folder of the models directory that holds a model baked at build time."""
     return Path(models_dir) / hub_id(name).replace("/", "__")
+
+
+def exported_model_dir(models_dir: str | Path, name: str, engine: str) -> Path:
+    """The folder of the models directory that holds a model exported for an engine at build time."""
+    baked = baked_model_dir(models_dir, name)
+    return baked.with_name(f"{baked.name}.{engine}")
+
+
+def locate_export(name: str, models_dir: str | Path, engine: str, manifest_file: str) -> Path:
+    """An exported model: the folder `name` itself when it holds a manifest, else its export in models_dir."""
+    candidates = [Path(name).expanduser(), exported_model_dir(models_dir, name, engine)]
+    for folder in candidates:
+        if (folder / manifest_file).is_file():
+            return folder
+    raise ExportNotFoundError(
+        f"Model {name!r} not found as an {engine} export: no {manifest_file} in {' or '.join(map(str, candidates))}. "
+        f"Export it with `python download_models.py` (`make run` and the image build do), "
+        f"or set ENGINE=torch to serve it with PyTorch")
 
 
 def _installed_package_dir(name: str) -> Path | None:

@@ -12,10 +12,14 @@ import os
 import re
 import time
 import uuid
+from typing import TYPE_CHECKING
 
 from flask import Flask, Response, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess
+
+if TYPE_CHECKING:
+    from service import LoadReport
 
 request_logger = logging.getLogger("embedder.requests")
 
@@ -62,6 +66,13 @@ class Metrics:
                                 registry=registry)
         self.model_load_seconds = Gauge("embedder_model_load_seconds", "Seconds the model took to load and warm up",
                                         multiprocess_mode="max", registry=registry)
+        self.engine = Gauge("embedder_engine_info", "1 for the inference engine and precision serving the model",
+                            ["engine", "precision"], multiprocess_mode="max", registry=registry)
+
+    def record_load(self, report: LoadReport) -> None:
+        """Set when the model has loaded (service.LoadReport), not when /metrics is scraped."""
+        self.model_load_seconds.set(report.load_seconds)
+        self.engine.labels(report.engine, report.precision).set(1)
 
     def exposition(self) -> bytes:
         if self.registry is not None:

@@ -97,6 +97,10 @@ SCHEMAS: dict[str, Any] = {
             "status": {"type": "string", "enum": ["ready", "loading", "error"]},
             "model": {"type": "string"},
             "supports_images": {"type": "boolean"},
+            "engine": {"type": "string", "enum": ["openvino", "torch"],
+                       "description": "The inference engine serving the model (status ready)."},
+            "precision": {"type": "string", "description": "The precision the engine computes in: bf16 where "
+                                                           "the CPU has it and the self-check passed, else f32."},
             "reason": {"type": "string", "description": "Why loading failed (status error)."},
             "workers_ready": {"type": "integer", "description": "Workers with their model loaded (status loading, "
                                                                 "when some but not all are ready)."},

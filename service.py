@@ -10,17 +10,17 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
+from PIL import Image
 
 import worker_registry
 from batcher import Batcher, BatchLimits, BatchStats, QueueFullError
 from config import Settings
-
-if TYPE_CHECKING:
-    from embeddings import TextEmbedder, TokenizedText
-    from image_embeddings import ImageEmbedder
+from embeddings import TextEmbedder, TokenizedText
+from image_embeddings import ImageEmbedder
+from model_loading import LoadedModels, load_models
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,14 @@ class ImagesNotSupportedError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class LoadReport:
+    """What loading produced, for metrics: which engine and precision serve, and how long it took."""
+    engine: str
+    precision: str
+    load_seconds: float
+
+
+@dataclass(frozen=True)
 class EmbeddingResult:
     vectors: list[np.ndarray]  # one per input, in input order
     token_count: int  # tokens the model processed, special tokens included
@@ -46,15 +54,20 @@ class EmbeddingResult:
 
 class EmbeddingService:
     def __init__(self, settings: Settings,
-                 load_embedder: Callable[[Settings], TextEmbedder] | None = None) -> None:
+                 load: Callable[[Settings], LoadedModels] = load_models) -> None:
         self.settings = settings
-        self._load_embedder = load_embedder or _load_embedder
+        self._load_models = load
         self._ready = threading.Event()
         self._error: str | None = None
         self._text: TextEmbedder | None = None
         self._batcher: Batcher | None = None
         self._batch_observers: list[Callable[[BatchStats], None]] = []
+        self._load_observers: list[Callable[[LoadReport], None]] = []
+        self._observers_lock = threading.Lock()
         self._images: ImageEmbedder | None = None  # stays None for a text-only model
+        self.engine: str | None = None  # which engine and precision serve, once loaded
+        self.precision: str | None = None
+        self.self_check: str | None = None
         self._loader: threading.Thread | None = None
         self.load_seconds: float | None = None
         self.loaded_at: int | None = None  # Unix time the model became ready
@@ -73,11 +86,11 @@ class EmbeddingService:
     def _load(self) -> None:
         started = time.monotonic()
         try:
-            text = self._load_embedder(self.settings)
+            models = self._load_models(self.settings)
+            text, images = models.text, models.images
             text.embed([WARM_UP_TEXT])
-            images = _load_image_embedder(self.settings, text.model)
             if images is not None:
-                images.embed([_warm_up_image()])
+                images.embed([Image.new("RGB", (32, 32), "gray")])
         except Exception as error:  # any failure must surface in readiness, not crash the worker
             self._error = f"{type(error).__name__}: {error}"
             logger.error("Model %s failed to load: %s", self.settings.embedding_model, self._error)
@@ -90,12 +103,18 @@ class EmbeddingService:
         ), on_batch=self._record_batch)
         self._batcher.start()
         self._images = images
+        self.engine, self.precision, self.self_check = models.engine, models.precision, models.self_check
         self.load_seconds = time.monotonic() - started
         self.loaded_at = int(time.time())
-        self._ready.set()
+        with self._observers_lock:
+            self._ready.set()
+            load_observers = list(self._load_observers)
+        for observer in load_observers:
+            observer(self._load_report())
         worker_registry.mark_ready()
-        logger.info("Model %s ready in %.1f s (dimension %d, max %d tokens per window)",
-                    self.settings.embedding_model, self.load_seconds, text.dimension, text.max_seq_length)
+        logger.info("Model %s ready in %.2f s on %s %s (dimension %d, max %d tokens per window)",
+                    self.settings.embedding_model, self.load_seconds, self.engine, self.precision,
+                    text.dimension, text.max_seq_length)
 
     def wait_until_loaded(self, timeout: float) -> bool:
         """Wait for loading to end, ready or failed; True when ready."""
@@ -106,7 +125,8 @@ class EmbeddingService:
     def readiness(self) -> tuple[bool, dict]:
         if self._ready.is_set():
             return True, {"status": "ready", "model": self.settings.embedding_model,
-                          "supports_images": self._images is not None}
+                          "supports_images": self._images is not None,
+                          "engine": self.engine, "precision": self.precision}
         if self._error is not None:
             return False, {"status": "error", "model": self.settings.embedding_model, "reason": self._error}
         return False, {"status": "loading"}
@@ -188,6 +208,18 @@ class EmbeddingService:
         vectors = text_embedder.combine_all(texts, window_vectors)
         return EmbeddingResult(vectors, sum(text_embedder.tokens_processed(text) for text in texts))
 
+    def observe_load(self, observer: Callable[[LoadReport], None]) -> None:
+        """Call observer once the model is loaded (at once if it already is), for metrics."""
+        with self._observers_lock:
+            loaded = self._ready.is_set()
+            if not loaded:
+                self._load_observers.append(observer)
+        if loaded:
+            observer(self._load_report())
+
+    def _load_report(self) -> LoadReport:
+        return LoadReport(self.engine, self.precision, self.load_seconds)
+
     def observe_batches(self, observer: Callable[[BatchStats], None]) -> None:
         """Call observer after every model batch (for metrics)."""
         self._batch_observers.append(observer)
@@ -199,23 +231,3 @@ class EmbeddingService:
     def _encode_windows(self, windows: list[list[int]]) -> np.ndarray:
         with self._model_lock:
             return self._text.encode_chunks(windows)
-
-
-def _load_embedder(settings: Settings) -> TextEmbedder:
-    # Imported here, in the loading thread, so the worker answers /health
-    # while torch and the model libraries are still being imported.
-    import torch
-
-    from embeddings import load_model, load_text_embedder
-    torch.set_num_threads(settings.torch_num_threads)
-    return load_text_embedder(settings, load_model(settings))
-
-
-def _load_image_embedder(settings: Settings, model) -> ImageEmbedder | None:
-    from image_embeddings import load_image_embedder
-    return load_image_embedder(settings, model)
-
-
-def _warm_up_image():
-    from PIL import Image
-    return Image.new("RGB", (32, 32), "gray")

@@ -6,12 +6,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import requests
 
 from batcher import Batcher, BatchLimits, QueueFullError
-from conftest import TEST_API_KEY, running_service, start_live_server
+from conftest import SAME_ENGINE_MIN_COSINE, TEST_API_KEY, assert_same_vectors, running_service, start_live_server
 from embeddings import plan_forward_passes
 from main import create_app
 
@@ -58,7 +57,7 @@ def test_concurrent_requests_are_batched_and_equal_unbatched_results(batching_se
     for texts, result in zip(inputs, results):
         assert len(result.vectors) == len(texts)
         for text, vector in zip(texts, result.vectors):
-            np.testing.assert_allclose(vector, text_embedder.embed([text])[0], atol=1e-5)
+            assert_same_vectors(vector, text_embedder.embed([text])[0], SAME_ENGINE_MIN_COSINE)
     assert max(batches) > 1, batches
 
 
@@ -68,7 +67,7 @@ def test_batching_off_runs_one_request_per_batch(test_settings, text_embedder):
         with ThreadPoolExecutor(8) as pool:
             results = list(pool.map(lambda text: service.embed_texts([text]), QUERIES[:8]))
         for text, result in zip(QUERIES, results):
-            np.testing.assert_allclose(result.vectors[0], text_embedder.embed([text])[0], atol=1e-5)
+            assert_same_vectors(result.vectors[0], text_embedder.embed([text])[0], SAME_ENGINE_MIN_COSINE)
         assert set(batches) == {1} and len(batches) == 8
 
 
@@ -107,7 +106,7 @@ def test_a_full_queue_refuses_quickly_and_loses_nothing_accepted(text_embedder):
         assert time.monotonic() - started < 0.5
         encoder.gate.set()
         for text, future in zip(QUERIES[:4], [in_model] + queued):
-            np.testing.assert_allclose(future.result(30)[0], text_embedder.embed([text])[0], atol=1e-5)
+            assert_same_vectors(future.result(30)[0], text_embedder.embed([text])[0], SAME_ENGINE_MIN_COSINE)
     batcher.stop()
 
 
@@ -161,7 +160,7 @@ def test_a_failing_batch_fails_its_requests_and_the_thread_serves_on(text_embedd
         with pytest.raises(RuntimeError, match="injected"):
             batcher.encode(windows_of(text_embedder, "first"))
         vector = batcher.encode(windows_of(text_embedder, "second"))[0]
-        np.testing.assert_allclose(vector, text_embedder.embed(["second"])[0], atol=1e-5)
+        assert_same_vectors(vector, text_embedder.embed(["second"])[0], SAME_ENGINE_MIN_COSINE)
     finally:
         batcher.stop()
 
@@ -178,7 +177,7 @@ def test_stop_finishes_every_accepted_request(text_embedder):
         encoder.gate.set()
         stopper.join(30)
         for text, future in zip(QUERIES, futures):
-            np.testing.assert_allclose(future.result(30)[0], text_embedder.embed([text])[0], atol=1e-5)
+            assert_same_vectors(future.result(30)[0], text_embedder.embed([text])[0], SAME_ENGINE_MIN_COSINE)
     with pytest.raises(RuntimeError, match="stopping"):
         batcher.encode(windows_of(text_embedder, "too late"))
 
@@ -206,7 +205,7 @@ def check_http_overload(live, text_embedder):
                 assert "busy" in response.json()["error"]
             else:
                 vector = response.json()["embeddings"][0]
-                np.testing.assert_allclose(vector, text_embedder.embed([text])[0], atol=1e-5)
+                assert_same_vectors(vector, text_embedder.embed([text])[0], SAME_ENGINE_MIN_COSINE)
     finally:
         live.stop()
 
@@ -229,4 +228,4 @@ def test_a_client_that_disconnects_does_not_break_the_batch(server, text_embedde
         gone.result()
     for text, response in zip(QUERIES, answers):
         assert response.status_code == 200
-        np.testing.assert_allclose(response.json()["embeddings"][0], text_embedder.embed([text])[0], atol=1e-5)
+        assert_same_vectors(response.json()["embeddings"][0], text_embedder.embed([text])[0], SAME_ENGINE_MIN_COSINE)

@@ -1,21 +1,21 @@
-"""download_models.py on the real bundled model, baked into a temporary MODELS_DIR."""
+"""download_models.py on the real bundled model, baked and exported into a temporary MODELS_DIR."""
 from __future__ import annotations
 
 import logging
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import download_models
 from config import Settings
-from conftest import MODEL_LOAD_TIMEOUT, TEST_API_KEY
-from embeddings import load_tokenizer
-from model_locator import baked_model_dir, locate_model
+from conftest import MODEL_LOAD_TIMEOUT, SAME_ENGINE_MIN_COSINE, TEST_API_KEY, assert_same_vectors
+from model_locator import baked_model_dir, exported_model_dir, locate_model
 from service import EmbeddingService
+from torch_engine import load_transformers_tokenizer
 
 MODEL = "all-MiniLM-L6-v2"
 SCRIPT = Path(__file__).with_name("download_models.py")
@@ -24,7 +24,8 @@ SCRIPT = Path(__file__).with_name("download_models.py")
 @pytest.fixture
 def bake_environment(monkeypatch, tmp_path):
     """The build's environment: EMBEDDING_MODEL and MODELS_DIR set, nothing else of the caller's."""
-    for name in ("EMBEDDING_MODEL", "TOKENIZER_MODEL", "MODELS_DIR", "ALLOW_MODEL_DOWNLOAD", "MAX_BATCH_SIZE"):
+    for name in ("EMBEDDING_MODEL", "TOKENIZER_MODEL", "MODELS_DIR", "ALLOW_MODEL_DOWNLOAD", "MAX_BATCH_SIZE",
+                 "ENGINE", "ENGINE_PRECISION"):
         monkeypatch.delenv(name, raising=False)
     models_dir = tmp_path / "models"
     monkeypatch.setenv("EMBEDDING_MODEL", MODEL)
@@ -52,22 +53,27 @@ def test_bakes_the_bundled_model_and_its_tokenizer(bake_environment, monkeypatch
     assert "found in installed package" in output
     assert "verified: one text gives a vector of 384 numbers" in output
     assert "verified: the tokenizer loads offline and fits the model" in output
-    # Nothing but the baked folder is left behind: no staging folder, no hub cache.
-    assert [path.name for path in bake_environment.iterdir()] == [baked.name]
+    exported = exported_model_dir(bake_environment, MODEL, "openvino")
+    assert (exported / "manifest.json").is_file() and (exported / "text.xml").is_file()
+    assert "verified: openvino" in output and "reproduces the torch vectors" in output
+    # Nothing but the baked folder and its export is left behind: no staging folder, no hub cache.
+    assert sorted(path.name for path in bake_environment.iterdir()) == sorted([baked.name, exported.name])
 
 
-def test_service_loads_the_baked_model_and_embeds_like_the_bundled_one(baked_models_dir, loaded_service, caplog):
-    service = EmbeddingService(Settings(api_keys=(TEST_API_KEY,), models_dir=str(baked_models_dir)))
-    with caplog.at_level(logging.INFO, logger="embeddings"):
-        service.start_loading()
-        assert service.wait_until_loaded(MODEL_LOAD_TIMEOUT), service.readiness()
-    baked = baked_model_dir(baked_models_dir, MODEL)
-    assert f"from {baked} (baked folder)" in caplog.text
-
-    text = "Baked and bundled models give the same vector."
-    baked_vector = service.embed_texts([text]).vectors[0]
-    bundled_vector = loaded_service.embed_texts([text]).vectors[0]
-    np.testing.assert_allclose(baked_vector, bundled_vector, atol=1e-6)
+def test_service_loads_the_baked_model_and_embeds_like_the_bundled_one(baked_models_dir, torch_service, caplog):
+    settings = Settings(api_keys=(TEST_API_KEY,), models_dir=str(baked_models_dir))
+    for engine in ("auto", "torch"):
+        service = EmbeddingService(replace(settings, engine=engine))
+        with caplog.at_level(logging.INFO):
+            service.start_loading()
+            assert service.wait_until_loaded(MODEL_LOAD_TIMEOUT), service.readiness()
+        text = "Baked and bundled models give the same vector."
+        baked_vector = service.embed_texts([text]).vectors[0]
+        bundled_vector = torch_service.embed_texts([text]).vectors[0]
+        assert_same_vectors(baked_vector, bundled_vector, SAME_ENGINE_MIN_COSINE if engine == "torch" else 0.9999)
+        service.stop()
+    assert f"from {baked_model_dir(baked_models_dir, MODEL)} (baked folder)" in caplog.text
+    assert "Self-check passed on openvino" in caplog.text
 
 
 def test_a_second_run_keeps_the_baked_model(baked_models_dir, capsys):
@@ -77,11 +83,14 @@ def test_a_second_run_keeps_the_baked_model(baked_models_dir, capsys):
 
     assert download_models.main(["--no-download"]) == 0
 
-    assert f"{MODEL}: already baked in {baked}" in capsys.readouterr().out
+    output = capsys.readouterr().out
+    assert f"{MODEL}: already baked in {baked}" in output
+    assert f"{MODEL}: already exported in {exported_model_dir(baked_models_dir, MODEL, 'openvino')}" in output
     assert (baked / "model.safetensors").stat().st_mtime_ns == weights_written
 
 
-def test_a_broken_baked_folder_is_baked_again(bake_environment, capsys):
+def test_a_broken_baked_folder_is_baked_again(bake_environment, monkeypatch, capsys):
+    monkeypatch.setenv("ENGINE", "torch")  # the bake alone: no export is made for the torch engine
     baked = baked_model_dir(bake_environment, MODEL)
     baked.mkdir(parents=True)
     (baked / "modules.json").write_text("not json")
@@ -91,6 +100,7 @@ def test_a_broken_baked_folder_is_baked_again(bake_environment, capsys):
     output = capsys.readouterr().out
     assert "does not load" in output and f"{MODEL}: baked into {baked}" in output
     assert locate_model(MODEL, bake_environment, allow_download=False).source == "baked folder"
+    assert "export" not in output and not exported_model_dir(bake_environment, MODEL, "openvino").exists()
 
 
 def test_a_missing_model_exits_non_zero_and_says_where_it_looked(bake_environment, monkeypatch):
@@ -124,7 +134,7 @@ def test_a_bad_setting_exits_with_the_variable_named(bake_environment, monkeypat
 
 
 def test_a_tokenizer_folder_is_baked_and_found_once_the_folder_is_gone(
-        bake_environment, monkeypatch, tmp_path, loaded_service):
+        bake_environment, monkeypatch, tmp_path, reference_model):
     bundled = Path(locate_model(MODEL, bake_environment, allow_download=False).path)
     tokenizer_folder = tmp_path / "build-context" / "tokenizer"
     tokenizer_folder.mkdir(parents=True)
@@ -138,5 +148,10 @@ def test_a_tokenizer_folder_is_baked_and_found_once_the_folder_is_gone(
     location = locate_model(str(tokenizer_folder), bake_environment, allow_download=False)
     assert location.source == "baked folder"
     settings = Settings(models_dir=str(bake_environment), tokenizer_model=str(tokenizer_folder))
-    tokenizer = load_tokenizer(settings, loaded_service._ready_text_embedder().model)
+    tokenizer = load_transformers_tokenizer(settings, reference_model)
     assert tokenizer("hello world")["input_ids"] == [101, 7592, 2088, 102]
+    # The export carries that tokenizer, and the service serving it needs no folder.
+    service = EmbeddingService(replace(settings, api_keys=(TEST_API_KEY,)))
+    service.start_loading()
+    assert service.wait_until_loaded(MODEL_LOAD_TIMEOUT), service.readiness()
+    service.stop()

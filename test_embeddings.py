@@ -1,6 +1,8 @@
-"""The embedding logic on the real all-MiniLM-L6-v2 model."""
+"""The embedding logic on the real all-MiniLM-L6-v2 model, on the default engine and on the torch fallback."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -8,18 +10,35 @@ import pytest
 import torch
 
 from config import Settings, SettingsError, load_settings
-from embeddings import TextEmbedder, chunk_token_ids, load_model, load_tokenizer
+from conftest import SAME_ENGINE_MIN_COSINE, assert_same_vectors
+from embeddings import TextEmbedder, TextModelShape, chunk_token_ids
+from manifest import PROBE_TEXTS
 from model_locator import ModelNotFoundError, baked_model_dir, locate_model
+from torch_engine import load_sentence_transformer, load_transformers_tokenizer, text_tokenizer_of
 
 LONG_TEXT = " ".join(f"Sentence number {n} talks about rivers, mountains and the sea." for n in range(120))
+# More than the probe set: scripts, accents, emoji with modifiers, control characters, odd spacing.
+TOKENIZER_TEXTS = list(PROBE_TEXTS.values()) + [
+    "Ünïcödé façade naïve coöperate", "Ελληνικά κείμενα", "한국어 문장입니다", "עברית מימין לשמאל",
+    "ไทยภาษา", "👩‍👩‍👧‍👦 family, 👍🏽 thumbs", "tabs\tand\nnewlines  double  spaces", "NUL\x00in text",
+    "URL https://example.com/a?b=c&d=e", "CamelCaseWordsAndSNAKE_case", "", "   ", "x" * 600,
+]
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-def test_similar_sentences_score_higher_than_unrelated(text_embedder):
-    cat, kitten, finance = text_embedder.embed([
+@pytest.fixture(params=["openvino", "torch"], scope="module")
+def embedder(request, loaded_service, torch_service) -> TextEmbedder:
+    """The text embedder of each engine: the exported model on OpenVINO, and the torch fallback."""
+    service = loaded_service if request.param == "openvino" else torch_service
+    assert service.engine == request.param
+    return service._ready_text_embedder()
+
+
+def test_similar_sentences_score_higher_than_unrelated(embedder):
+    cat, kitten, finance = embedder.embed([
         "A cat is sleeping on the sofa.",
         "A kitten naps on the couch.",
         "The central bank raised interest rates again.",
@@ -28,25 +47,32 @@ def test_similar_sentences_score_higher_than_unrelated(text_embedder):
     assert cosine(cat, kitten) > cosine(cat, finance) + 0.3
 
 
-def test_short_texts_match_sentence_transformers_encode(text_embedder):
+def test_short_texts_match_sentence_transformers_encode(embedder, reference_model):
     texts = ["hello world", "Embeddings turn text into vectors.", "ünïcödé and emoji 🚀"]
-    ours = np.stack(text_embedder.embed(texts))
-    reference = text_embedder.model.encode(texts, convert_to_numpy=True)
-    np.testing.assert_allclose(ours, reference, atol=1e-5)
+    assert_same_vectors(embedder.embed(texts), reference_model.encode(texts, convert_to_numpy=True))
 
 
-def test_vectors_are_unit_length_with_model_dimension(text_embedder):
-    vector = text_embedder.embed(["a short text"])[0]
-    assert vector.shape == (384,)
-    assert text_embedder.dimension == 384
-    assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-5)
+def test_vectors_are_unit_length_with_model_dimension(embedder):
+    vector = embedder.embed(["a short text"])[0]
+    assert vector.shape == (384,) and vector.dtype == np.float32
+    assert embedder.dimension == 384
+    assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-3)
 
 
-def test_batch_output_equals_single_output_in_order(text_embedder):
+def test_batch_output_equals_single_output_in_order(embedder):
     texts = ["first text", LONG_TEXT, "third, a little longer than the first", "fourth"]
-    together = text_embedder.embed(texts)
+    together = embedder.embed(texts)
     for text, vector in zip(texts, together):
-        np.testing.assert_allclose(vector, text_embedder.embed([text])[0], atol=1e-5)
+        assert_same_vectors(vector, embedder.embed([text])[0], SAME_ENGINE_MIN_COSINE)
+
+
+def test_the_fast_tokenizer_gives_transformers_ids(embedder, reference_model):
+    """The serving tokenizer (the `tokenizers` library on tokenizer.json) against transformers' own."""
+    ours = embedder.tokenizer.token_ids(TOKENIZER_TEXTS)
+    theirs = reference_model.tokenizer(TOKENIZER_TEXTS, add_special_tokens=False, verbose=False)["input_ids"]
+    assert ours == theirs
+    assert embedder.vocabulary_size == len(reference_model.tokenizer)
+    assert embedder.tokenizer.pad_id == reference_model.tokenizer.pad_token_id
 
 
 def test_chunk_token_ids_makes_consecutive_windows():
@@ -58,20 +84,20 @@ def test_chunk_token_ids_makes_consecutive_windows():
         chunk_token_ids(ids, 0)
 
 
-def test_window_leaves_room_for_special_tokens(text_embedder):
-    assert text_embedder.max_seq_length == 256
-    assert text_embedder.prefix_ids == [101] and text_embedder.suffix_ids == [102]
-    assert text_embedder.window_size == 254
+def test_window_leaves_room_for_special_tokens(embedder):
+    assert embedder.max_seq_length == 256
+    assert embedder.prefix_ids == [101] and embedder.suffix_ids == [102]
+    assert embedder.window_size == 254
 
 
-def test_long_text_is_split_into_windows_of_its_own_tokens(text_embedder):
-    tokenized = text_embedder.tokenize([LONG_TEXT])[0]
-    all_ids = text_embedder.tokenizer(LONG_TEXT, add_special_tokens=False)["input_ids"]
+def test_long_text_is_split_into_windows_of_its_own_tokens(embedder, reference_model):
+    tokenized = embedder.tokenize([LONG_TEXT])[0]
+    all_ids = reference_model.tokenizer(LONG_TEXT, add_special_tokens=False, verbose=False)["input_ids"]
     assert len(all_ids) > 1000
     assert [token for chunk in tokenized.chunks for token in chunk] == all_ids
     assert all(len(chunk) == 254 for chunk in tokenized.chunks[:-1])
     assert 0 < len(tokenized.chunks[-1]) <= 254
-    assert text_embedder.tokens_processed(tokenized) == len(all_ids) + 2 * len(tokenized.chunks)
+    assert embedder.tokens_processed(tokenized) == len(all_ids) + 2 * len(tokenized.chunks)
 
 
 def encode_window_by_hand(model, window: list[int]) -> np.ndarray:
@@ -83,50 +109,74 @@ def encode_window_by_hand(model, window: list[int]) -> np.ndarray:
     return vector / np.linalg.norm(vector)
 
 
-def test_long_text_vector_is_token_weighted_average_of_window_vectors(text_embedder):
-    vector = text_embedder.embed([LONG_TEXT])[0]
+def test_long_text_vector_is_token_weighted_average_of_window_vectors(embedder, reference_model):
+    vector = embedder.embed([LONG_TEXT])[0]
     assert vector.shape == (384,)
-    windows = text_embedder.tokenize([LONG_TEXT])[0].chunks
+    windows = embedder.tokenize([LONG_TEXT])[0].chunks
     assert len(windows) >= 4
-    by_hand = [encode_window_by_hand(text_embedder.model, window) for window in windows]
+    by_hand = [encode_window_by_hand(reference_model, window) for window in windows]
     weights = np.array([len(window) for window in windows], dtype=np.float64)
     expected = (np.stack(by_hand) * weights[:, None]).sum(axis=0) / weights.sum()
     expected /= np.linalg.norm(expected)
-    np.testing.assert_allclose(vector, expected, atol=1e-5)
+    assert_same_vectors(vector, expected)
     # The weighting matters: the last window is shorter, so a plain mean differs.
     plain_mean = np.mean(by_hand, axis=0)
     assert not np.allclose(vector, plain_mean / np.linalg.norm(plain_mean), atol=1e-5)
 
 
-def test_chunks_are_encoded_in_calls_of_at_most_max_batch_size(text_embedder, monkeypatch):
+def test_chunks_are_encoded_in_calls_of_at_most_max_batch_size(embedder, monkeypatch):
     # An embedder of its own: the shared one may still be serving another test's server.
-    text_embedder = TextEmbedder(text_embedder.model, text_embedder.tokenizer, max_batch_size=8, max_batch_tokens=4096)
+    shape = TextModelShape(embedder.dimension, embedder.max_seq_length, embedder.normalizes)
+    embedder = TextEmbedder(embedder.tokenizer, embedder.encoder, shape, max_batch_size=8, max_batch_tokens=4096)
     calls = []
-    original = text_embedder._forward
+    original = embedder._forward
 
     def counting_forward(chunks):
         calls.append(len(chunks))
         return original(chunks)
 
-    monkeypatch.setattr(text_embedder, "_forward", counting_forward)
-    text_embedder.embed([LONG_TEXT, LONG_TEXT, "short"])
-    windows = 2 * len(text_embedder.tokenize([LONG_TEXT])[0].chunks) + 1
+    monkeypatch.setattr(embedder, "_forward", counting_forward)
+    embedder.embed([LONG_TEXT, LONG_TEXT, "short"])
+    windows = 2 * len(embedder.tokenize([LONG_TEXT])[0].chunks) + 1
     assert sum(calls) == windows
-    assert max(calls) <= text_embedder.max_batch_size
-    assert len(calls) == -(-windows // text_embedder.max_batch_size)
+    assert max(calls) <= embedder.max_batch_size
+    assert len(calls) == -(-windows // embedder.max_batch_size)
 
 
-def test_token_ids_input_equals_text_input(text_embedder):
-    ids = text_embedder.tokenizer("token ids in, vector out", add_special_tokens=False)["input_ids"]
-    from_ids = text_embedder.embed_tokenized(text_embedder.tokenized_from_ids([ids]))[0]
-    np.testing.assert_allclose(from_ids, text_embedder.embed(["token ids in, vector out"])[0], atol=1e-6)
+def test_token_ids_input_equals_text_input(embedder):
+    ids = embedder.tokenizer.token_ids(["token ids in, vector out"])[0]
+    from_ids = embedder.embed_tokenized(embedder.tokenized_from_ids([ids]))[0]
+    assert_same_vectors(from_ids, embedder.embed(["token ids in, vector out"])[0], SAME_ENGINE_MIN_COSINE)
 
 
-def test_tokenizer_model_setting_loads_that_tokenizer(text_embedder):
+def test_tokenizer_model_setting_loads_that_tokenizer(reference_model):
     settings = Settings(tokenizer_model="sentence-transformers/all-MiniLM-L6-v2")
-    tokenizer = load_tokenizer(settings, text_embedder.model)
-    assert tokenizer is not text_embedder.model.tokenizer
-    assert tokenizer("hello")["input_ids"] == text_embedder.tokenizer("hello")["input_ids"]
+    tokenizer = load_transformers_tokenizer(settings, reference_model)
+    assert tokenizer is not reference_model.tokenizer
+    assert text_tokenizer_of(tokenizer).token_ids(["hello"]) == [[7592]]
+
+
+def test_serving_imports_no_torch(test_settings):
+    """A process that serves the default engine never imports torch, sentence-transformers or transformers."""
+    script = f"""
+import sys
+from config import Settings
+from main import create_app
+from service import EmbeddingService
+settings = Settings(api_keys=("k",), models_dir={test_settings.models_dir!r})
+service = EmbeddingService(settings)
+service.start_loading()
+assert service.wait_until_loaded(120), service.readiness()
+response = create_app(settings, service).test_client().post("/embeddings", json={{"text": "hi"}},
+                                                            headers={{"X-API-Key": "k"}})
+assert response.status_code == 200, response.get_data(as_text=True)
+service.stop()
+print(sorted(name for name in sys.modules if name.split(".")[0] in ("torch", "sentence_transformers", "transformers")))
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
 # --- model resolution -------------------------------------------------------
@@ -164,7 +214,7 @@ def test_locate_model_uses_the_hub_only_when_allowed(tmp_path):
 
 def test_load_model_fails_with_one_clear_message(tmp_path):
     with pytest.raises(ModelNotFoundError, match="not found"):
-        load_model(Settings(embedding_model="no-such-model", models_dir=str(tmp_path)))
+        load_sentence_transformer(Settings(embedding_model="no-such-model", models_dir=str(tmp_path)))
 
 
 # --- settings ---------------------------------------------------------------

@@ -30,12 +30,14 @@ import pytest
 import requests
 from PIL import Image, ImageOps
 
-from conftest import TEST_API_KEY, running_service, start_live_server
+from conftest import (SAME_ENGINE_MIN_COSINE, TEST_API_KEY, assert_same_vectors, bake_and_export, running_service,
+                      start_live_server)
 from config import Settings, SettingsError, load_settings
 from image_embeddings import ImageInputError, ImageTooLargeError, decode_base64_image, open_image, to_rgb
 from main import create_app
 from model_locator import ModelNotFoundError, locate_model
 from batcher import QueueFullError
+from self_check import IMAGE_MIN_COSINE
 from service import EmbeddingService
 from tiny_clip import TINY_DIMENSION
 
@@ -60,8 +62,9 @@ def clip_service(tiny_clip_service) -> EmbeddingService:
 
 
 @pytest.fixture(scope="module")
-def clip_model(clip_service):
-    return clip_service._ready_text_embedder().model
+def clip_model(tiny_clip_model):
+    """The tiny CLIP on torch with its own preprocessing: the reference every vector is checked against."""
+    return tiny_clip_model
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +139,7 @@ def test_clip_folder_loads_as_multimodal_and_reports_it(clip_server, clip_servic
     response = requests.get(clip_server.url + "/health/ready", timeout=10)
     assert response.status_code == 200
     assert response.json()["supports_images"] is True
-    assert clip_service.require_image_support().dimension == TINY_DIMENSION
+    assert clip_service.dimension() == TINY_DIMENSION
 
 
 def test_text_and_image_vectors_have_the_same_dimension(clip_server):
@@ -148,21 +151,21 @@ def test_text_and_image_vectors_have_the_same_dimension(clip_server):
 def test_clip_text_through_our_path_equals_model_encode(clip_service, clip_model):
     texts = ["a red square", "blue", "A much longer sentence about a small blue square, with punctuation!"]
     ours = np.stack(clip_service.embed_texts(texts).vectors)
-    np.testing.assert_allclose(ours, clip_model.encode(texts, convert_to_numpy=True), atol=1e-5)
+    assert_same_vectors(ours, clip_model.encode(texts, convert_to_numpy=True))
 
 
-def test_clip_special_tokens_and_padding(clip_service):
+def test_clip_special_tokens_and_padding(clip_service, clip_model):
     text_embedder = clip_service._ready_text_embedder()
-    tokenizer = text_embedder.tokenizer
+    tokenizer = clip_model.tokenizer
     assert text_embedder.prefix_ids == [tokenizer.bos_token_id]
     assert text_embedder.suffix_ids == [tokenizer.eos_token_id]
     # CLIP pads with its end token; the text tower pools at the first end token, so padding a short
     # text next to a long one must not change its vector.
-    assert text_embedder.pad_id == tokenizer.eos_token_id
+    assert text_embedder.tokenizer.pad_id == tokenizer.eos_token_id
     short, long = "red", "red " * 30
     together = text_embedder.embed([short, long])
-    np.testing.assert_allclose(together[0], text_embedder.embed([short])[0], atol=1e-5)
-    np.testing.assert_allclose(together[1], text_embedder.embed([long])[0], atol=1e-5)
+    assert_same_vectors(together[0], text_embedder.embed([short])[0], SAME_ENGINE_MIN_COSINE)
+    assert_same_vectors(together[1], text_embedder.embed([long])[0], SAME_ENGINE_MIN_COSINE)
 
 
 def test_text_longer_than_77_tokens_is_averaged_over_windows(clip_service, clip_model):
@@ -177,7 +180,7 @@ def test_text_longer_than_77_tokens_is_averaged_over_windows(clip_service, clip_
     weights = np.array([min(window, len(words) - start) for start in range(0, len(words), window)], dtype=np.float32)
     expected = (piece_vectors * weights[:, None]).sum(axis=0) / weights.sum()
     result = clip_service.embed_texts([" ".join(words)])
-    np.testing.assert_allclose(result.vectors[0], expected, atol=1e-5)
+    assert_same_vectors(result.vectors[0], expected)
     assert result.token_count == 200 + 3 * 2
 
 
@@ -185,8 +188,7 @@ def test_text_longer_than_77_tokens_is_averaged_over_windows(clip_service, clip_
 
 def test_image_vector_equals_sentence_transformers_encode(clip_server, clip_model):
     image = two_colour_image()
-    np.testing.assert_allclose(embed_image(clip_server, b64(encoded(image))), reference(clip_model, image),
-                               atol=1e-5)
+    assert_same_vectors(embed_image(clip_server, b64(encoded(image))), reference(clip_model, image), IMAGE_MIN_COSINE)
 
 
 def test_same_image_gives_the_same_vector(clip_server):
@@ -203,7 +205,7 @@ def test_batch_returns_vectors_in_input_order_equal_to_single_requests(clip_serv
     batch = response.json()["embeddings"]
     assert len(batch) == len(images)
     for field, vector in zip(images, batch):
-        np.testing.assert_allclose(np.array(vector[0]), embed_image(clip_server, field), atol=1e-5)
+        assert_same_vectors(np.array(vector[0]), embed_image(clip_server, field), SAME_ENGINE_MIN_COSINE)
     assert not np.allclose(batch[0][0], batch[1][0])
 
 
@@ -227,7 +229,7 @@ def test_base64_data_uri_wrapped_base64_and_multipart_give_the_same_vector(clip_
 def test_every_accepted_format_is_embedded(clip_server, clip_model, image_format, options):
     data = encoded(two_colour_image(), image_format, **options)
     decoded = Image.open(io.BytesIO(data)).convert("RGB")
-    np.testing.assert_allclose(embed_image(clip_server, b64(data)), reference(clip_model, decoded), atol=1e-5)
+    assert_same_vectors(embed_image(clip_server, b64(data)), reference(clip_model, decoded), IMAGE_MIN_COSINE)
 
 
 def test_animated_gif_uses_its_first_frame(clip_server, clip_model):
@@ -235,7 +237,7 @@ def test_animated_gif_uses_its_first_frame(clip_server, clip_model):
     data = encoded(red, "GIF", save_all=True, append_images=[blue], duration=100, loop=0)
     assert Image.open(io.BytesIO(data)).n_frames == 2
     vector = embed_image(clip_server, b64(data))
-    np.testing.assert_allclose(vector, reference(clip_model, red), atol=1e-5)
+    assert_same_vectors(vector, reference(clip_model, red), IMAGE_MIN_COSINE)
     assert not np.allclose(vector, reference(clip_model, blue), atol=1e-3)
 
 
@@ -256,7 +258,7 @@ def sixteen_bit_grey(value: int, size=(24, 24)) -> Image.Image:
 def test_every_mode_is_converted_to_rgb(clip_server, clip_model, name, image, image_format, expected_rgb):
     data = encoded(image, image_format)
     assert Image.open(io.BytesIO(data)).mode == image.mode
-    np.testing.assert_allclose(embed_image(clip_server, b64(data)), reference(clip_model, expected_rgb), atol=1e-5)
+    assert_same_vectors(embed_image(clip_server, b64(data)), reference(clip_model, expected_rgb), IMAGE_MIN_COSINE)
 
 
 def test_cmyk_jpeg_is_accepted(clip_server):
@@ -274,7 +276,7 @@ def test_exif_orientation_is_honoured(clip_server, clip_model):
     data = encoded(stored, "PNG", exif=exif)
     assert ImageOps.exif_transpose(Image.open(io.BytesIO(data))).tobytes() == upright_image.tobytes()
     vector = embed_image(clip_server, b64(data))
-    np.testing.assert_allclose(vector, reference(clip_model, upright_image), atol=1e-5)
+    assert_same_vectors(vector, reference(clip_model, upright_image), IMAGE_MIN_COSINE)
     assert not np.allclose(vector, reference(clip_model, stored), atol=1e-3)
 
 
@@ -414,8 +416,7 @@ def test_image_routes_need_the_api_key(clip_server):
 def test_worker_is_healthy_after_every_error(clip_server, clip_model):
     assert requests.get(clip_server.url + "/health/ready", timeout=10).status_code == 200
     image = two_colour_image()
-    np.testing.assert_allclose(embed_image(clip_server, b64(encoded(image))), reference(clip_model, image),
-                               atol=1e-5)
+    assert_same_vectors(embed_image(clip_server, b64(encoded(image))), reference(clip_model, image), IMAGE_MIN_COSINE)
 
 
 # --- a text-only model --------------------------------------------------------------
@@ -444,10 +445,11 @@ def real_clip_folder() -> str | None:
 
 @pytest.mark.skipif(real_clip_folder() is None,
                     reason="needs a real CLIP model: set CLIP_MODEL_PATH to a clip-ViT-B-32 folder")
-def test_real_clip_places_colours_next_to_their_names():
+def test_real_clip_places_colours_next_to_their_names(tmp_path):
     # Upstream measured with clip-ViT-B-32: red text vs red square 0.294, vs blue square 0.233;
     # blue text vs blue square 0.293, vs red square 0.237.
-    settings = Settings(api_keys=(TEST_API_KEY,), embedding_model=real_clip_folder())
+    settings = Settings(api_keys=(TEST_API_KEY,), embedding_model=real_clip_folder(), models_dir=str(tmp_path))
+    bake_and_export(settings)
     with running_service(settings) as service:
         live = start_live_server(create_app(settings, service))
         try:
@@ -487,7 +489,7 @@ def check_image_overload(service, clip_model, monkeypatch):
         gate.set()
         for image, future in zip(images, futures):
             expected = clip_model.encode([image])[0]
-            np.testing.assert_allclose(future.result(30)[0], expected, atol=1e-5)
+            assert_same_vectors(future.result(30)[0], expected, IMAGE_MIN_COSINE)
     assert len(service.embed_images([encoded(images[4])])) == 1
 
 
@@ -505,10 +507,10 @@ def test_openai_route_embeds_image_data_uris_and_texts_in_one_space(clip_server)
     answer = openai_embed(clip_server, ["a red square", red_square, picture], encoding_format="float")
     assert answer.status_code == 200, answer.text
     vectors = [np.array(item["embedding"], dtype=np.float32) for item in answer.json()["data"]]
-    np.testing.assert_allclose(vectors[1], embed_image(clip_server, red_square), atol=1e-6)
-    np.testing.assert_allclose(vectors[2], embed_image(clip_server, picture), atol=1e-6)
+    assert_same_vectors(vectors[1], embed_image(clip_server, red_square), SAME_ENGINE_MIN_COSINE)
+    assert_same_vectors(vectors[2], embed_image(clip_server, picture), SAME_ENGINE_MIN_COSINE)
     text_only = post(clip_server, "/embeddings", json={"text": "a red square"}).json()["embeddings"][0]
-    np.testing.assert_allclose(vectors[0], text_only, atol=1e-6)
+    assert_same_vectors(vectors[0], text_only, SAME_ENGINE_MIN_COSINE)
     assert len({len(vector) for vector in vectors}) == 1
     # Images count no tokens: usage is the text's tokens alone.
     text_usage = openai_embed(clip_server, "a red square").json()["usage"]

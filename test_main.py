@@ -9,8 +9,9 @@ import pytest
 import requests
 
 from config import Settings
-from conftest import TEST_API_KEY, start_live_server
+from conftest import SAME_ENGINE_MIN_COSINE, TEST_API_KEY, assert_same_vectors, start_live_server
 from main import create_app
+from model_loading import load_models
 from service import EmbeddingService
 
 AUTH = {"X-API-Key": TEST_API_KEY}
@@ -27,20 +28,21 @@ def test_health_answers_without_auth(server):
     assert response.json() == {"status": "ok"}
 
 
-def test_ready_reports_the_model(server):
+def test_ready_reports_the_model(server, loaded_service):
     response = requests.get(server.url + "/health/ready", timeout=5)
     assert response.status_code == 200
-    assert response.json() == {"status": "ready", "model": "all-MiniLM-L6-v2", "supports_images": False}
+    assert response.json() == {"status": "ready", "model": "all-MiniLM-L6-v2", "supports_images": False,
+                               "engine": "openvino", "precision": loaded_service.precision}
+    assert loaded_service.precision in ("bf16", "f32", "f16")
 
 
-def test_embeddings_returns_one_wrapped_vector(server, text_embedder):
+def test_embeddings_returns_one_wrapped_vector(server, reference_model):
     response = post(server, "/embeddings", json={"text": "hello world"})
     assert response.status_code == 200
     body = response.json()
     assert list(body) == ["embeddings"]
     assert len(body["embeddings"]) == 1 and len(body["embeddings"][0]) == 384
-    reference = text_embedder.model.encode(["hello world"])[0]
-    np.testing.assert_allclose(body["embeddings"][0], reference, atol=1e-5)
+    assert_same_vectors(body["embeddings"][0], reference_model.encode(["hello world"])[0])
 
 
 def test_batch_keeps_input_order_and_equals_single_requests(server):
@@ -52,7 +54,7 @@ def test_batch_keeps_input_order_and_equals_single_requests(server):
     for text, wrapped in zip(texts, batch):
         assert len(wrapped) == 1 and len(wrapped[0]) == 384
         single = post(server, "/embeddings", json={"text": text}).json()["embeddings"][0]
-        np.testing.assert_allclose(wrapped[0], single, atol=1e-5)
+        assert_same_vectors(wrapped[0], single, SAME_ENGINE_MIN_COSINE)
 
 
 def test_long_text_gives_one_unit_vector(server):
@@ -150,10 +152,9 @@ def test_routes_answer_503_while_the_model_loads_and_200_after(test_settings):
 
     def slow_loader(settings):
         release.wait(30)
-        from embeddings import load_model, load_text_embedder
-        return load_text_embedder(settings, load_model(settings))
+        return load_models(settings)
 
-    service = EmbeddingService(test_settings, load_embedder=slow_loader)
+    service = EmbeddingService(test_settings, load=slow_loader)
     live = start_live_server(create_app(test_settings, service))
     try:
         service.start_loading()

@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from batcher import QueueFullError
-from conftest import TEST_API_KEY, start_live_server
+from conftest import SAME_ENGINE_MIN_COSINE, TEST_API_KEY, assert_same_vectors, start_live_server
 from main import create_app
 from service import EmbeddingService
 
@@ -37,7 +37,7 @@ def client_vectors(response) -> np.ndarray:
 
 
 def token_ids(text_embedder, text: str) -> list[int]:
-    return text_embedder.tokenizer(text, add_special_tokens=False)["input_ids"]
+    return text_embedder.tokenizer.token_ids([text])[0]
 
 
 def tokens_processed(text_embedder, text: str) -> int:
@@ -88,7 +88,7 @@ def test_token_ids_embed_like_their_text(server, client, text_embedder):
 def test_lists_of_token_ids_embed_like_their_texts(server, client, text_embedder):
     texts = ["first text", LONG_TEXT]
     response = client.embeddings.create(model=MODEL, input=[token_ids(text_embedder, text) for text in texts])
-    np.testing.assert_allclose(client_vectors(response), rest_vectors(server, texts), atol=1e-6)
+    assert_same_vectors(client_vectors(response), rest_vectors(server, texts), SAME_ENGINE_MIN_COSINE)
     assert response.usage.prompt_tokens == sum(tokens_processed(text_embedder, text) for text in texts)
 
 
@@ -259,7 +259,7 @@ def failed_service(test_settings) -> EmbeddingService:
     def fail_to_load(settings):
         raise OSError("weights file is corrupt")
 
-    service = EmbeddingService(test_settings, load_embedder=fail_to_load)
+    service = EmbeddingService(test_settings, load=fail_to_load)
     service.start_loading()
     assert not service.wait_until_loaded(10)
     return service

@@ -7,12 +7,11 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import psutil
 import pytest
 import requests
 
-from conftest import start_gunicorn
+from conftest import SAME_ENGINE_MIN_COSINE, assert_same_vectors, start_gunicorn
 
 KEY = "reliability-key"
 AUTH = {"X-API-Key": KEY}
@@ -20,8 +19,8 @@ DOCUMENT = "Reliability means answering correctly or saying clearly why not. " *
 
 
 @pytest.fixture
-def gunicorn_server(tmp_path):
-    server = start_gunicorn(tmp_path, VECTOR_EMBEDDER_API_KEY=KEY, QUEUE_MAX="4", THREADS="32")
+def gunicorn_server(tmp_path, models_dir):
+    server = start_gunicorn(tmp_path, models_dir, VECTOR_EMBEDDER_API_KEY=KEY, QUEUE_MAX="4", THREADS="32")
     server.wait_until_ready()
     yield server
     server.stop()
@@ -36,9 +35,9 @@ def tree_rss_mb(server) -> float:
     return sum(process.memory_info().rss for process in [root] + root.children(recursive=True)) / 2 ** 20
 
 
-def test_a_killed_worker_is_replaced_and_readiness_follows(tmp_path, text_embedder):
+def test_a_killed_worker_is_replaced_and_readiness_follows(tmp_path, models_dir, text_embedder):
     # One worker, so that readiness can only come from the worker that replaces it.
-    gunicorn_server = start_gunicorn(tmp_path, VECTOR_EMBEDDER_API_KEY=KEY, WORKERS="1")
+    gunicorn_server = start_gunicorn(tmp_path, models_dir, VECTOR_EMBEDDER_API_KEY=KEY, WORKERS="1")
     gunicorn_server.wait_until_ready()
     try:
         check_worker_replacement(gunicorn_server, text_embedder)
@@ -70,7 +69,8 @@ def check_worker_replacement(gunicorn_server, text_embedder):
     [new_worker] = worker_pids(gunicorn_server)
     assert new_worker != old_worker
     response = requests.post(gunicorn_server.url + "/embeddings", json={"text": "back again"}, headers=AUTH, timeout=30)
-    np.testing.assert_allclose(response.json()["embeddings"][0], text_embedder.embed(["back again"])[0], atol=1e-5)
+    assert_same_vectors(response.json()["embeddings"][0], text_embedder.embed(["back again"])[0],
+                        SAME_ENGINE_MIN_COSINE)
 
 
 def test_sigterm_lets_requests_in_flight_finish_correctly(gunicorn_server, text_embedder):
@@ -89,7 +89,7 @@ def test_sigterm_lets_requests_in_flight_finish_correctly(gunicorn_server, text_
     for start, response in zip((0, 4, 8), answers):
         assert response.status_code == 200
         expected = text_embedder.embed(texts[start:start + 4])
-        np.testing.assert_allclose([wrapped[0] for wrapped in response.json()["embeddings"]], expected, atol=1e-5)
+        assert_same_vectors([wrapped[0] for wrapped in response.json()["embeddings"]], expected, SAME_ENGINE_MIN_COSINE)
 
 
 def test_overload_gets_quick_429s_and_every_accepted_request_is_correct(gunicorn_server, text_embedder):
@@ -122,7 +122,7 @@ def test_overload_gets_quick_429s_and_every_accepted_request_is_correct(gunicorn
     for response, seconds in refused:
         assert response.headers["Retry-After"] == "1" and seconds < 5
     for text, response in accepted:
-        np.testing.assert_allclose(response.json()["embeddings"][0], text_embedder.embed([text])[0], atol=1e-5)
+        assert_same_vectors(response.json()["embeddings"][0], text_embedder.embed([text])[0], SAME_ENGINE_MIN_COSINE)
     assert max(peak_mb) - baseline_mb < 300, (baseline_mb, max(peak_mb))
     metrics = requests.get(gunicorn_server.url + "/metrics", headers=AUTH, timeout=10).text
     assert f"embedder_rejected_total {float(len(refused))}" in metrics

@@ -1,16 +1,18 @@
 """The service as it is run in production: gunicorn with gunicorn.conf.py, on loopback."""
 from __future__ import annotations
 
-import numpy as np
+from pathlib import Path
+
+import psutil
 import pytest
 import requests
 
-from conftest import start_gunicorn
+from conftest import assert_same_vectors, start_gunicorn
 
 
 @pytest.fixture(scope="module")
-def gunicorn_server(tmp_path_factory):
-    server = start_gunicorn(tmp_path_factory.mktemp("gunicorn"), VECTOR_EMBEDDER_API_KEY="gunicorn-key")
+def gunicorn_server(tmp_path_factory, models_dir):
+    server = start_gunicorn(tmp_path_factory.mktemp("gunicorn"), models_dir, VECTOR_EMBEDDER_API_KEY="gunicorn-key")
     try:
         server.wait_until_ready()
         yield server
@@ -18,14 +20,40 @@ def gunicorn_server(tmp_path_factory):
         server.stop()
 
 
-def test_gunicorn_serves_real_embeddings(gunicorn_server, text_embedder):
-    ready = requests.get(gunicorn_server.url + "/health/ready", timeout=5).json()
-    assert ready == {"status": "ready", "model": "all-MiniLM-L6-v2", "supports_images": False}
-    response = requests.post(gunicorn_server.url + "/embeddings/batch", json={"texts": ["one", "two"]},
-                             headers={"X-API-Key": "gunicorn-key"}, timeout=30)
+def embed_one_and_two(server, key: str) -> list[list[float]]:
+    response = requests.post(server.url + "/embeddings/batch", json={"texts": ["one", "two"]},
+                             headers={"X-API-Key": key}, timeout=30)
     assert response.status_code == 200
-    vectors = [wrapped[0] for wrapped in response.json()["embeddings"]]
-    np.testing.assert_allclose(vectors, text_embedder.model.encode(["one", "two"]), atol=1e-5)
+    return [wrapped[0] for wrapped in response.json()["embeddings"]]
+
+
+def libraries_mapped(pid: int) -> set[str]:
+    """The shared libraries a process has loaded, by file name (read from /proc/<pid>/maps)."""
+    lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    return {Path(line.split()[-1]).name for line in lines if line.split()[-1].startswith("/")}
+
+
+def test_gunicorn_serves_real_embeddings_on_one_worker_without_torch(gunicorn_server, reference_model):
+    ready = requests.get(gunicorn_server.url + "/health/ready", timeout=5).json()
+    assert (ready["status"], ready["model"], ready["engine"]) == ("ready", "all-MiniLM-L6-v2", "openvino")
+    assert_same_vectors(embed_one_and_two(gunicorn_server, "gunicorn-key"), reference_model.encode(["one", "two"]))
+    workers = psutil.Process(gunicorn_server.process.pid).children()
+    assert len(workers) == 1  # the default: one process whose engine uses every core
+    for process in [psutil.Process(gunicorn_server.process.pid), *workers]:
+        libraries = libraries_mapped(process.pid)
+        assert any("openvino" in name for name in libraries) or process.pid == gunicorn_server.process.pid
+        assert not [name for name in libraries if "torch" in name], process.pid
+
+
+def test_gunicorn_serves_the_torch_engine_when_asked(tmp_path, models_dir, reference_model):
+    server = start_gunicorn(tmp_path, models_dir, VECTOR_EMBEDDER_API_KEY="k", ENGINE="torch", WORKERS="1")
+    try:
+        server.wait_until_ready()
+        ready = requests.get(server.url + "/health/ready", timeout=5).json()
+        assert (ready["engine"], ready["precision"]) == ("torch", "f32")
+        assert_same_vectors(embed_one_and_two(server, "k"), reference_model.encode(["one", "two"]), 0.99999)
+    finally:
+        server.stop()
 
 
 def test_gunicorn_rejects_the_default_key_when_another_is_set(gunicorn_server):
@@ -46,15 +74,15 @@ def test_gunicorn_metrics_add_up_and_requests_are_logged_as_json(gunicorn_server
 
 
 @pytest.mark.parametrize("name, value", [("MAX_BATCH_SIZE", "0"), ("MAX_TEXTS_PER_BATCH", "lots"),
-                                         ("BATCH_WAIT_MS", "-1")])
-def test_a_bad_setting_stops_start_up_naming_the_variable(tmp_path, name, value):
-    server = start_gunicorn(tmp_path, **{name: value})
+                                         ("BATCH_WAIT_MS", "-1"), ("ENGINE", "onnx"), ("ENGINE_PRECISION", "int8")])
+def test_a_bad_setting_stops_start_up_naming_the_variable(tmp_path, models_dir, name, value):
+    server = start_gunicorn(tmp_path, models_dir, **{name: value})
     assert server.process.wait(60) != 0
     assert name in server.output()
 
 
-def test_ready_means_every_worker_has_its_model(tmp_path):
-    server = start_gunicorn(tmp_path, VECTOR_EMBEDDER_API_KEY="k", WORKERS="2")
+def test_ready_means_every_worker_has_its_model(tmp_path, models_dir):
+    server = start_gunicorn(tmp_path, models_dir, VECTOR_EMBEDDER_API_KEY="k", WORKERS="2")
     try:
         server.wait_until_ready()
         # Fresh connections land on either worker: none may still be loading.

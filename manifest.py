@@ -1,0 +1,162 @@
+"""The manifest that travels with an exported model, and the probe set it carries.
+
+An export (model_export.py) writes `manifest.json` next to the engine's model
+files: where the model came from, how it was exported, the shape of its
+vectors, its tokenizer and image preprocessing, and reference vectors of a
+fixed probe set computed by the torch model. The serving process reads it
+and proves, before it reports ready, that the engine reproduces those vectors
+(self_check.py).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+MANIFEST_FILE = "manifest.json"
+FORMAT_VERSION = 1
+
+# Short, long (chunked on every model), multilingual and emoji texts: what users send.
+LONG_PROBE = " ".join(
+    f"Paragraph {number}: the river bends past the old mill, where engineers measured the flow of water "
+    f"through the turbines and wrote down how much power each season gave the village."
+    for number in range(1, 25))
+PROBE_TEXTS: dict[str, str] = {
+    "short": "hello world",
+    "query": "how do I reset my password?",
+    "sentence": "The quick brown fox jumps over the lazy dog near the riverbank.",
+    "long": LONG_PROBE,
+    "german": "Die Katze schläft auf dem Sofa, während draußen der Regen fällt.",
+    "french": "Où se trouve la gare la plus proche, s'il vous plaît ?",
+    "chinese": "今天天气很好，我们去公园散步吧。",
+    "japanese": "東京は日本の首都で、人口が最も多い都市です。",
+    "arabic": "القطة تنام على الأريكة",
+    "russian": "Быстрая коричневая лиса перепрыгивает через ленивую собаку.",
+    "hindi": "मुझे भारतीय खाना बहुत पसंद है।",
+    "emoji": "🚀🔥 launch day! 🎉 thanks everyone 🙏",
+    "code": "def add(a: int, b: int) -> int:\n    return a + b  # ünïcödé",
+}
+PROBE_IMAGE_FOLDER = "probes"
+
+
+def probe_images() -> dict[str, Image.Image]:
+    """Fixed images drawn with Pillow: flat colours, shapes, a gradient, odd and small sizes (resize and crop)."""
+    images = {
+        "red": Image.new("RGB", (256, 256), (220, 30, 30)),
+        "blue": Image.new("RGB", (256, 256), (30, 60, 220)),
+    }
+    gradient = np.linspace(0, 255, 320, dtype=np.float32)
+    rows = np.stack([np.outer(np.linspace(0, 1, 200), gradient),
+                     np.tile(gradient[::-1], (200, 1)),
+                     np.full((200, 320), 128.0)], axis=-1)
+    images["gradient_wide"] = Image.fromarray(rows.astype(np.uint8), "RGB")
+    shapes = Image.new("RGB", (180, 300), (250, 250, 240))
+    draw = ImageDraw.Draw(shapes)
+    draw.ellipse((20, 40, 160, 180), fill=(30, 160, 60))
+    draw.rectangle((40, 200, 140, 280), fill=(200, 120, 20))
+    draw.line((0, 0, 180, 300), fill=(0, 0, 0), width=5)
+    images["shapes_tall"] = shapes
+    checker = (np.indices((48, 40)).sum(axis=0) // 8 % 2 * 255).astype(np.uint8)
+    images["checker_small"] = Image.fromarray(checker, "L").convert("RGB")
+    return images
+
+
+@dataclass
+class ProbeText:
+    name: str
+    text: str
+    token_ids: list[int]  # the reference tokenizer's content ids (no special tokens)
+    vector: list[float]
+
+
+@dataclass
+class ProbeImage:
+    name: str
+    file: str  # PNG under the export folder
+    vector: list[float]
+
+
+@dataclass
+class Manifest:
+    source_model: str  # as configured: name, hub id or folder name
+    source_fingerprint: str  # names and sizes of the source model's files; changes when the model does
+    engine: str
+    weights_precision: str
+    dimension: int
+    max_seq_length: int
+    pooling: str  # the model's pooling mode, or what its architecture does itself (CLIP: "clip_projection")
+    normalize: bool
+    modules: list[str]
+    tokenizer: dict[str, Any]  # file, pad_id, source
+    text_model: str  # the engine's model file for texts
+    image_model: str | None = None
+    image_preprocessing: dict[str, Any] | None = None
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # file -> size and sha256
+    exported_with: dict[str, str] = field(default_factory=dict)  # library versions
+    probe_texts: list[ProbeText] = field(default_factory=list)
+    probe_images: list[ProbeImage] = field(default_factory=list)
+    format: int = FORMAT_VERSION
+
+    def write(self, folder: Path) -> None:
+        (folder / MANIFEST_FILE).write_text(json.dumps(asdict(self), indent=1, ensure_ascii=False))
+
+    @classmethod
+    def read(cls, folder: Path) -> Manifest:
+        """The manifest of an exported model folder; ManifestError says what is wrong with it."""
+        path = folder / MANIFEST_FILE
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise ManifestError(f"{path} cannot be read as JSON: {error}") from None
+        if not isinstance(values, dict) or values.get("format") != FORMAT_VERSION:
+            raise ManifestError(f"{path} is not a manifest of format {FORMAT_VERSION}: export the model again")
+        try:
+            values["probe_texts"] = [ProbeText(**probe) for probe in values.get("probe_texts", [])]
+            values["probe_images"] = [ProbeImage(**probe) for probe in values.get("probe_images", [])]
+            return cls(**values)
+        except TypeError as error:
+            raise ManifestError(f"{path} lacks or has unknown fields ({error}): export the model again") from None
+
+    def check_files(self, folder: Path) -> None:
+        """Every file the manifest lists exists with its recorded size (a truncated copy fails here)."""
+        for name, facts in self.files.items():
+            path = folder / name
+            if not path.is_file():
+                raise ManifestError(f"{path} is missing: the export is incomplete")
+            if path.stat().st_size != facts["size"]:
+                raise ManifestError(f"{path} has {path.stat().st_size} bytes but the manifest recorded "
+                                    f"{facts['size']}: the file was changed or truncated after the export")
+
+    def probe_image(self, folder: Path, probe: ProbeImage) -> Image.Image:
+        with Image.open(folder / probe.file) as image:
+            return image.convert("RGB")
+
+
+def vectors_of(probes: list[ProbeText] | list[ProbeImage]) -> np.ndarray:
+    return np.asarray([probe.vector for probe in probes], dtype=np.float32)
+
+
+def fingerprint(folder: Path) -> str:
+    """A digest of the names and sizes of a model folder's files: changes when the model does."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            digest.update(f"{path.relative_to(folder).as_posix()}\0{path.stat().st_size}\n".encode())
+    return digest.hexdigest()
+
+
+def file_facts(path: Path) -> dict[str, object]:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+class ManifestError(RuntimeError):
+    """An exported model's manifest is missing, unreadable or does not match its files."""

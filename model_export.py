@@ -1,0 +1,169 @@
+"""Export a sentence-transformers model for the serving engine, at build or set-up time.
+
+The exporter is OpenVINO's own `convert_model`, given the whole
+sentence-transformers pipeline as one torch module: the transformer and the
+model's own Pooling, Dense and Normalize modules (or CLIP's projection) are
+traced, not reimplemented, so pooling and normalisation stay exactly the
+model's. optimum-intel (what sentence-transformers' backend="openvino" uses)
+exports only the transformer and would leave pooling to code of ours, and it
+pulls in a much larger dependency tree for no gain here.
+
+The weights are saved in f32 (OpenVINO would otherwise halve them to f16);
+the precision used for serving is picked when the model is compiled. The
+manifest next to the model files records reference vectors of the probe set
+computed by the torch model through the same tokenizing and chunking, for the
+start-up self-check (self_check.py).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+import torch
+
+import torch_engine
+from config import Settings
+from manifest import (PROBE_IMAGE_FOLDER, PROBE_TEXTS, Manifest, ProbeImage, ProbeText, file_facts, fingerprint,
+                      probe_images)
+from model_loading import EXPORT_ENGINE, load_torch_models
+
+TEXT_MODEL_FILE = "text.xml"
+IMAGE_MODEL_FILE = "image.xml"
+TOKENIZER_FILE = "tokenizer.json"
+# Example inputs for tracing: two rows, the second padded, so the traced graph keeps the
+# attention mask's path (a mask of only ones may be dropped by the attention code).
+EXAMPLE_TEXTS = ("an example sentence for tracing the model", "short")
+EXAMPLE_IMAGES = 2
+
+
+class ExportError(RuntimeError):
+    """The model could not be exported; the message says which and why."""
+
+
+class _TextTower(torch.nn.Module):
+    """The sentence-transformers pipeline for texts, with plain tensors in and the sentence embedding out."""
+
+    def __init__(self, model, takes_token_types: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.takes_token_types = takes_token_types
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None):
+        features = {"input_ids": input_ids, "attention_mask": attention_mask, "modality": "text"}
+        if self.takes_token_types:
+            features["token_type_ids"] = token_type_ids
+        return self.model(features)["sentence_embedding"]
+
+
+class _ImageTower(torch.nn.Module):
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor):
+        return self.model({"pixel_values": pixel_values, "modality": "image"})["sentence_embedding"]
+
+
+def export_model(settings: Settings, source: Path, target: Path) -> Manifest:
+    """Export the sentence-transformers model in folder `source` into folder `target` (which must exist)."""
+    source_settings = replace(settings, embedding_model=str(source), engine="torch")
+    model = torch_engine.load_sentence_transformer(source_settings)
+    reference = load_torch_models(source_settings, model)
+    transformers_tokenizer = torch_engine.load_transformers_tokenizer(source_settings, model)
+    takes_token_types = "token_type_ids" in transformers_tokenizer.model_input_names
+    try:
+        _convert(_TextTower(model, takes_token_types), _example_text_inputs(reference, takes_token_types),
+                 target / TEXT_MODEL_FILE)
+        if reference.images is not None:
+            size = reference.images.preprocessing
+            example = torch.randn(EXAMPLE_IMAGES, 3, size.crop_height, size.crop_width)
+            _convert(_ImageTower(model), (example,), target / IMAGE_MODEL_FILE)
+    except Exception as error:  # the converter raises many kinds; each means the same to the build
+        raise ExportError(f"OpenVINO cannot convert model {settings.embedding_model!r}: "
+                          f"{type(error).__name__}: {error}") from error
+    reference.text.tokenizer.save(target / TOKENIZER_FILE)
+    manifest = Manifest(
+        source_model=settings.embedding_model,
+        source_fingerprint=fingerprint(source),
+        engine=EXPORT_ENGINE,
+        weights_precision="f32",
+        dimension=reference.text.dimension,
+        max_seq_length=reference.text.max_seq_length,
+        pooling=pooling_of(model),
+        normalize=reference.text.normalizes,
+        modules=[type(module).__name__ for module in model],
+        tokenizer={"file": TOKENIZER_FILE, "pad_id": reference.text.tokenizer.pad_id,
+                   "source": settings.tokenizer_model},
+        text_model=TEXT_MODEL_FILE,
+        image_model=IMAGE_MODEL_FILE if reference.images is not None else None,
+        image_preprocessing=reference.images.preprocessing.to_dict() if reference.images is not None else None,
+        exported_with={name: version(name) for name in
+                       ("torch", "sentence-transformers", "transformers", "openvino", "tokenizers")},
+        probe_texts=_probe_texts(reference, transformers_tokenizer),
+        probe_images=_probe_images(model, target) if reference.images is not None else [],
+    )
+    manifest.files = {path.relative_to(target).as_posix(): file_facts(path)
+                      for path in sorted(target.rglob("*")) if path.is_file()}
+    manifest.write(target)
+    return manifest
+
+
+def _example_text_inputs(reference, takes_token_types: bool) -> tuple[torch.Tensor, ...]:
+    text = reference.text
+    sequences = [text.prefix_ids + ids + text.suffix_ids for ids in text.tokenizer.token_ids(list(EXAMPLE_TEXTS))]
+    longest = max(map(len, sequences))
+    input_ids = torch.full((len(sequences), longest), text.tokenizer.pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        input_ids[row, :len(sequence)] = torch.tensor(sequence)
+        attention_mask[row, :len(sequence)] = 1
+    if takes_token_types:
+        return input_ids, attention_mask, torch.zeros_like(input_ids)
+    return input_ids, attention_mask
+
+
+def _convert(tower: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Path) -> None:
+    tower.eval()
+    with torch.no_grad():
+        converted = ov.convert_model(tower, example_input=example)
+    # Batch and sequence length vary; the image size does not.
+    for port, tensor in zip(converted.inputs, example):
+        dynamic = [-1] * 2 + list(tensor.shape[2:])
+        port.get_node().set_partial_shape(ov.PartialShape(dynamic))
+    converted.validate_nodes_and_infer_types()
+    ov.save_model(converted, str(path), compress_to_fp16=False)
+
+
+def _probe_texts(reference, transformers_tokenizer) -> list[ProbeText]:
+    names, texts = list(PROBE_TEXTS), list(PROBE_TEXTS.values())
+    vectors = reference.text.embed(texts)
+    return [ProbeText(name, text, list(transformers_tokenizer(text, add_special_tokens=False, verbose=False)
+                                       ["input_ids"]), vector.tolist())
+            for name, text, vector in zip(names, texts, vectors)]
+
+
+def _probe_images(model, target: Path) -> list[ProbeImage]:
+    """The probe images saved as PNG, with vectors from the model's own preprocessing (transformers')."""
+    folder = target / PROBE_IMAGE_FOLDER
+    folder.mkdir()
+    images = probe_images()
+    vectors = model.encode(list(images.values()), convert_to_numpy=True, show_progress_bar=False)
+    probes = []
+    for (name, image), vector in zip(images.items(), vectors):
+        file = f"{PROBE_IMAGE_FOLDER}/{name}.png"
+        image.save(target / file)
+        probes.append(ProbeImage(name, file, np.asarray(vector, dtype=np.float32).tolist()))
+    return probes
+
+
+def pooling_of(model) -> str:
+    """How the model turns token vectors into one: its Pooling module's mode, or what its architecture does."""
+    for module in model:
+        config = module.get_config_dict() if hasattr(module, "get_config_dict") else {}
+        if "pooling_mode" in config:
+            return str(config["pooling_mode"])
+    return "clip_projection" if torch_engine.supports_images(model) else "model_output"

@@ -1,0 +1,88 @@
+"""Prove an engine's vectors before serving them: the probe set of the manifest, encoded again.
+
+The export wrote reference vectors computed by the torch model (manifest.py).
+Before the service reports ready, the engine encodes the same probes through
+the serving pipeline (tokenizer, chunking, averaging; image preprocessing) and
+every vector must point the same way as its reference. A manifest that does
+not belong to its model files (edited, truncated, another model's) fails here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from embeddings import TextEmbedder
+from image_embeddings import ImageEmbedder
+from manifest import Manifest, vectors_of
+
+TEXT_MIN_COSINE = 0.9999
+IMAGE_MIN_COSINE = 0.999
+
+
+@dataclass(frozen=True)
+class SelfCheckResult:
+    failures: list[str]
+    text_min_cosine: float | None
+    image_min_cosine: float | None
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    @property
+    def summary(self) -> str:
+        parts = []
+        if self.text_min_cosine is not None:
+            parts.append(f"text probes min cosine {self.text_min_cosine:.6f}")
+        if self.image_min_cosine is not None:
+            parts.append(f"image probes min cosine {self.image_min_cosine:.6f}")
+        return ", ".join(parts) + ("" if self.passed else "; " + "; ".join(self.failures))
+
+
+def self_check(text: TextEmbedder, images: ImageEmbedder | None, manifest: Manifest, folder: Path) -> SelfCheckResult:
+    failures = _tokenizer_failures(text, manifest)
+    text_min = _compare("text probe", [probe.name for probe in manifest.probe_texts],
+                        text.embed([probe.text for probe in manifest.probe_texts]),
+                        vectors_of(manifest.probe_texts), TEXT_MIN_COSINE, failures)
+    image_min = None
+    if manifest.probe_images:
+        if images is None:
+            failures.append("the manifest has image probes but the export has no image tower")
+        else:
+            pictures = [manifest.probe_image(folder, probe) for probe in manifest.probe_images]
+            image_min = _compare("image probe", [probe.name for probe in manifest.probe_images],
+                                 images.embed(pictures), vectors_of(manifest.probe_images),
+                                 IMAGE_MIN_COSINE, failures)
+    return SelfCheckResult(failures, text_min, image_min)
+
+
+def _tokenizer_failures(text: TextEmbedder, manifest: Manifest) -> list[str]:
+    failures = []
+    for probe in manifest.probe_texts:
+        ids = text.tokenizer.token_ids([probe.text])[0]
+        if ids != probe.token_ids:
+            failures.append(f"the tokenizer gives other token ids for probe {probe.name!r} than the model's own "
+                            f"({len(ids)} against {len(probe.token_ids)} tokens)")
+    return failures
+
+
+def _compare(kind: str, names: list[str], vectors: list[np.ndarray], references: np.ndarray, threshold: float,
+             failures: list[str]) -> float | None:
+    actual = np.asarray(vectors, dtype=np.float32)
+    if actual.shape != references.shape:
+        failures.append(f"{kind} vectors have shape {actual.shape}, the manifest's {references.shape}")
+        return None
+    cosines = cosine_rows(actual, references)
+    for name, cosine in zip(names, cosines):
+        if not cosine >= threshold:  # NaN fails too
+            failures.append(f"{kind} {name!r} has cosine {cosine:.6f} to its reference, below {threshold}")
+    return float(np.min(cosines))
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row of a with the same row of b."""
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    norms = np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1)
+    return (a64 * b64).sum(axis=1) / np.maximum(norms, 1e-30)

@@ -1,0 +1,182 @@
+"""The export, its manifest and the start-up self-check, on the real bundled model exported by conftest.
+
+Tampering is done on copies of the session's export: a manifest that does not belong to its
+model files must never serve vectors.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import replace
+
+import pytest
+import requests
+
+import download_models
+import model_loading
+from conftest import MODEL_LOAD_TIMEOUT, start_live_server
+from main import create_app
+from manifest import PROBE_TEXTS, Manifest, ManifestError
+from model_loading import SelfCheckError, load_exported_models
+from model_locator import exported_model_dir
+from service import EmbeddingService
+
+MODEL = "all-MiniLM-L6-v2"
+
+
+@pytest.fixture
+def export_copy(test_settings, tmp_path):
+    """A copy of the session's export of the bundled model, free to be tampered with; settings that serve it."""
+    original = exported_model_dir(test_settings.models_dir, MODEL, "openvino")
+    folder = tmp_path / original.name
+    shutil.copytree(original, folder)
+    return folder, replace(test_settings, embedding_model=str(folder))
+
+
+def edit_manifest(folder, change) -> None:
+    path = folder / "manifest.json"
+    values = json.loads(path.read_text())
+    change(values)
+    path.write_text(json.dumps(values))
+
+
+def readiness_of(settings) -> tuple[int, dict]:
+    """Serve these settings over HTTP and ask /health/ready once loading has ended."""
+    service = EmbeddingService(settings)
+    live = start_live_server(create_app(settings, service))
+    try:
+        service.start_loading()
+        service.wait_until_loaded(MODEL_LOAD_TIMEOUT)
+        response = requests.get(live.url + "/health/ready", timeout=10)
+        return response.status_code, response.json()
+    finally:
+        live.stop()
+        service.stop()
+
+
+def test_the_manifest_records_the_model_and_its_probe_vectors(test_settings, reference_model):
+    folder = exported_model_dir(test_settings.models_dir, MODEL, "openvino")
+    manifest = Manifest.read(folder)
+    assert (manifest.source_model, manifest.engine, manifest.weights_precision) == (MODEL, "openvino", "f32")
+    assert (manifest.dimension, manifest.max_seq_length) == (384, 256)
+    assert (manifest.pooling, manifest.normalize) == ("mean", True)
+    assert manifest.modules == ["Transformer", "Pooling", "Normalize"]
+    assert manifest.tokenizer["file"] == "tokenizer.json" and manifest.tokenizer["pad_id"] == 0
+    assert {"text.xml", "text.bin", "tokenizer.json"} <= set(manifest.files)
+    assert all(facts["size"] > 0 and len(facts["sha256"]) == 64 for facts in manifest.files.values())
+    assert [probe.name for probe in manifest.probe_texts] == list(PROBE_TEXTS)
+    long_probe = next(probe for probe in manifest.probe_texts if probe.name == "long")
+    assert len(long_probe.token_ids) > 2 * 254  # chunked into three windows
+    # The reference vectors are the torch model's own (the long one averaged over its windows, like ours).
+    short = next(probe for probe in manifest.probe_texts if probe.name == "short")
+    assert short.vector == pytest.approx(reference_model.encode(["hello world"])[0].tolist(), abs=1e-5)
+    assert manifest.image_model is None and manifest.probe_images == []
+
+
+def test_the_self_check_passes_and_readiness_names_engine_and_precision(loaded_service):
+    ready, body = loaded_service.readiness()
+    assert ready and body["engine"] == "openvino" and body["precision"] == loaded_service.precision
+    assert "text probes min cosine" in loaded_service.self_check
+
+
+def test_forced_f32_reproduces_torch_to_the_last_digits(test_settings):
+    models = load_exported_models(replace(test_settings, engine_precision="f32"))
+    assert models.precision == "f32"
+    assert "min cosine 1.000000" in models.self_check
+
+
+def test_an_edited_reference_vector_keeps_readiness_503_with_the_reason(export_copy):
+    folder, settings = export_copy
+
+    def rotate_one_vector(values):
+        vector = values["probe_texts"][2]["vector"]
+        values["probe_texts"][2]["vector"] = vector[1:] + vector[:1]
+
+    edit_manifest(folder, rotate_one_vector)
+    status, body = readiness_of(settings)
+    assert status == 503 and body["status"] == "error"
+    assert "does not reproduce the model's own vectors" in body["reason"] and "'sentence'" in body["reason"]
+    assert "ENGINE=torch" in body["reason"]
+
+
+def test_edited_model_weights_are_caught_by_the_self_check(export_copy):
+    folder, settings = export_copy
+    weights = bytearray((folder / "text.bin").read_bytes())
+    # Same size, other numbers: scale a block of float32 weights in the middle of the file.
+    middle = len(weights) // 2 // 4 * 4
+    block = memoryview(weights)[middle:middle + 400_000].cast("f")
+    for index in range(len(block)):
+        block[index] *= -3.0
+    (folder / "text.bin").write_bytes(bytes(weights))
+    with pytest.raises(SelfCheckError, match="cosine"):
+        load_exported_models(settings)
+
+
+def test_a_truncated_model_file_is_caught_before_it_loads(export_copy):
+    folder, settings = export_copy
+    with open(folder / "text.bin", "r+b") as file:
+        file.truncate(1000)
+    with pytest.raises(ManifestError, match="truncated"):
+        load_exported_models(settings)
+    status, body = readiness_of(settings)
+    assert status == 503 and "truncated" in body["reason"]
+
+
+def test_another_models_manifest_is_caught(export_copy, tiny_clip_settings):
+    folder, settings = export_copy
+    clip_export = exported_model_dir(tiny_clip_settings.models_dir, tiny_clip_settings.embedding_model, "openvino")
+    shutil.copy(clip_export / "manifest.json", folder / "manifest.json")
+    with pytest.raises((ManifestError, SelfCheckError)):
+        load_exported_models(settings)
+
+
+def test_a_tokenizer_that_gives_other_ids_is_caught(export_copy):
+    folder, settings = export_copy
+
+    def other_ids(values):
+        german = next(probe for probe in values["probe_texts"] if probe["name"] == "german")
+        german["token_ids"] = german["token_ids"][:-1]
+
+    edit_manifest(folder, other_ids)
+    with pytest.raises(SelfCheckError, match="other token ids for probe 'german'"):
+        load_exported_models(settings)
+
+
+def test_a_failed_check_at_the_fast_precision_falls_back_to_f32(export_copy, monkeypatch, caplog):
+    folder, settings = export_copy
+    fastest = model_loading.open_export(folder, Manifest.read(folder), "auto", settings).precision
+    real_check, checked = model_loading.self_check, []
+
+    def failing_first_time(text, images, manifest, folder):  # injected failure: the first precision is "wrong"
+        result = real_check(text, images, manifest, folder)
+        checked.append(text.encoder.precision)
+        return replace(result, failures=["injected: below the bound"]) if len(checked) == 1 else result
+
+    monkeypatch.setattr(model_loading, "self_check", failing_first_time)
+    if fastest == "f32":  # a CPU without bf16: there is nothing faster to fall back from
+        with pytest.raises(SelfCheckError, match="injected"):
+            load_exported_models(settings)
+        return
+    with caplog.at_level(logging.WARNING, logger="model_loading"):
+        models = load_exported_models(settings)
+    assert checked == [fastest, "f32"] and models.precision == "f32"
+    assert "Self-check failed on openvino" in caplog.text
+
+
+def test_an_export_that_fails_ends_the_build_with_how_to_use_torch(tmp_path, monkeypatch, capsys):
+    for name in ("TOKENIZER_MODEL", "ENGINE", "ENGINE_PRECISION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("EMBEDDING_MODEL", MODEL)
+    monkeypatch.setenv("MODELS_DIR", str(tmp_path))
+    import model_export
+
+    def broken_converter(*args, **kwargs):  # injected failure: a model the converter cannot handle
+        raise RuntimeError("unsupported operation aten::fancy")
+
+    monkeypatch.setattr(model_export.ov, "convert_model", broken_converter)
+    assert download_models.main(["--no-download"]) == 1
+    error = capsys.readouterr().err
+    assert f"model {MODEL!r} cannot be served by openvino" in error and "unsupported operation" in error
+    assert "--build-arg ENGINE=torch" in error and "ENGINE=torch" in error
+    assert not exported_model_dir(tmp_path, MODEL, "openvino").exists()
