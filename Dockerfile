@@ -1,15 +1,18 @@
 # syntax=docker/dockerfile:1
-# The vector embedder as a container: CPU-only torch, the models baked in at
-# build time, gunicorn serving on $PORT as an unprivileged user, no network use
-# at run time.
+# The vector embedder as a container: the model baked and exported at build time,
+# served by OpenVINO (no torch in the image), gunicorn on $PORT as an unprivileged
+# user, no network use at run time.
 #
 #   docker build -t vector-embedder .
 #   docker build --build-arg EMBEDDING_MODEL=clip-ViT-L-14 --build-arg TOKENIZER_MODEL= -t vector-embedder:clip .
+#   docker build --build-arg ENGINE=torch -t vector-embedder:torch .     (a model OpenVINO cannot serve)
 #   docker run -p 5001:5001 -e VECTOR_EMBEDDER_API_KEY=change-me vector-embedder
 
 # The base image is an argument so a build without registry access can use a
 # local stand-in with the same layout (scripts/container_check.sh).
 ARG PYTHON_IMAGE=python:3.11-slim
+# auto: serve the OpenVINO export (the image carries no torch); torch: serve with PyTorch.
+ARG ENGINE=auto
 
 FROM ${PYTHON_IMAGE} AS builder
 # The PyTorch index with CPU-only wheels: the image never carries CUDA libraries.
@@ -23,7 +26,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python3 -m venv /opt/venv
 WORKDIR /build
 COPY wheels/ wheels/
-COPY requirements.txt .
+COPY requirements.txt requirements-serve.txt ./
 # torch first and on its own, from the local wheels or the CPU index, so that
 # `torch==2.13.0` in requirements.txt is already satisfied by the CPU build.
 RUN set -eu; \
@@ -43,19 +46,40 @@ FROM builder AS models
 ARG EMBEDDING_MODEL=multi-qa-MiniLM-L6-cos-v1
 # hadolint ignore=DL3064
 ARG TOKENIZER_MODEL=sentence-transformers/multi-qa-MiniLM-L6-cos-v1
+ARG ENGINE
 # hadolint ignore=DL3064
 ENV MODELS_DIR=/models \
     EMBEDDING_MODEL=${EMBEDDING_MODEL} \
-    TOKENIZER_MODEL=${TOKENIZER_MODEL}
+    TOKENIZER_MODEL=${TOKENIZER_MODEL} \
+    ENGINE=${ENGINE}
 WORKDIR /build
-COPY config.py model_locator.py embeddings.py download_models.py ./
-RUN python download_models.py
+COPY config.py model_locator.py text_tokenizer.py embeddings.py image_embeddings.py manifest.py self_check.py \
+     model_loading.py openvino_engine.py torch_engine.py model_export.py download_models.py ./
+# Bake the model, export it for OpenVINO and prove the export against torch (not for ENGINE=torch);
+# the runtime stage gets only what its engine serves: the export, or the sentence-transformers folder.
+RUN python download_models.py \
+ && mkdir /serve-models \
+ && if [ "$ENGINE" = torch ]; then cp -a /models/. /serve-models/; else cp -a /models/*.openvino /serve-models/; fi
+
+# The serving virtual environment of each engine: the OpenVINO one has no torch.
+FROM ${PYTHON_IMAGE} AS serve-venv-auto
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/venv/bin:$PATH
+COPY requirements-serve.txt /build/
+RUN python3 -m venv /opt/venv && pip install -r /build/requirements-serve.txt
+
+FROM builder AS serve-venv-torch
+
+# hadolint ignore=DL3006
+FROM serve-venv-${ENGINE} AS serve-venv
 
 FROM ${PYTHON_IMAGE} AS runtime
 # hadolint ignore=DL3064
 ARG EMBEDDING_MODEL=multi-qa-MiniLM-L6-cos-v1
 # hadolint ignore=DL3064
 ARG TOKENIZER_MODEL=sentence-transformers/multi-qa-MiniLM-L6-cos-v1
+ARG ENGINE
 # hadolint ignore=DL3064
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -65,11 +89,15 @@ ENV PATH=/opt/venv/bin:$PATH \
     MODELS_DIR=/models \
     EMBEDDING_MODEL=${EMBEDDING_MODEL} \
     TOKENIZER_MODEL=${TOKENIZER_MODEL} \
+    ENGINE=${ENGINE} \
     PORT=5001
-COPY --from=builder /opt/venv /opt/venv
-COPY --from=models /models /models
+COPY --from=serve-venv /opt/venv /opt/venv
+COPY --from=models /serve-models /models
 WORKDIR /app
-COPY *.py ./
+# The runtime modules only: no tests, benchmark, soak, exporter or test helpers.
+COPY gunicorn.conf.py main.py openai_api.py api_docs.py openapi_document.py observability.py service.py batcher.py \
+     config.py worker_registry.py model_locator.py model_loading.py manifest.py self_check.py text_tokenizer.py \
+     embeddings.py image_embeddings.py openvino_engine.py torch_engine.py ./
 # What the image carries, printed at the end of the build.
 RUN du -sh /opt/venv /models /app && find /models -mindepth 1 -maxdepth 1 -printf 'baked model: %f\n'
 # Any numeric user works: nothing in the image needs a home or a writable file.

@@ -4,19 +4,23 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
+# Where `make run` bakes and exports the model (the image uses /models).
+MODELS_DIR ?= models
 
 .PHONY: install run test lint unit browser container-check benchmark soak clean
 
 install: $(INSTALLED)
 
-$(INSTALLED): requirements.txt requirements-dev.txt
+$(INSTALLED): requirements-serve.txt requirements.txt requirements-dev.txt
 	@$(PYTHON) -m venv $(VENV) || { echo "Cannot create a virtual environment: apt-get install python3-venv"; exit 1; }
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	touch $@
 
+# Bake and export the configured model first (once: later runs check the export and keep it).
 run: install
-	$(BIN)/gunicorn -c gunicorn.conf.py 'main:create_app()'
+	MODELS_DIR=$(MODELS_DIR) $(BIN)/python download_models.py --no-download
+	MODELS_DIR=$(MODELS_DIR) $(BIN)/gunicorn -c gunicorn.conf.py 'main:create_app()'
 
 # Everything CI runs: lint, the unit, HTTP, fuzz and browser tests, then the container checks.
 test: lint browser unit container-check
@@ -42,4 +46,4 @@ soak: install
 	$(BIN)/python soak_embeddings.py --minutes 10
 
 clean:
-	rm -rf $(VENV) htmlcov .coverage .pytest_cache
+	rm -rf $(VENV) htmlcov .coverage .pytest_cache $(MODELS_DIR)

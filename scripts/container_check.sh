@@ -229,10 +229,16 @@ report_container() {
         echo "the container logged errors (above)" >&2
         return 1
     fi
-    if podman exec "$CONTAINER" ls /app | grep -E '^(test_.*|conftest)\.py$'; then
-        echo "tests were copied into the image (above): check .dockerignore" >&2
+    if podman exec "$CONTAINER" ls /app | grep -E '^(test_.*|conftest|benchmark_.*|soak_.*|tiny_clip|download_models|model_export)\.py$'; then
+        echo "modules that are not the service's were copied into the image (above): check the Dockerfile" >&2
         return 1
     fi
+    if podman exec "$CONTAINER" python -c "import torch" 2>/dev/null; then
+        echo "torch is importable in the image: the OpenVINO image must not carry it" >&2
+        return 1
+    fi
+    echo "import torch in the image: fails, as it should"
+    podman exec "$CONTAINER" python -c "import urllib.request, json; print('readiness:', urllib.request.urlopen('http://127.0.0.1:$PORT/health/ready').read().decode())"
     memory_kb=$(podman exec "$CONTAINER" sh -c 'cat /proc/[0-9]*/status' | awk '/^VmRSS:/ {sum += $2} END {print sum}')
     echo "user $(podman exec "$CONTAINER" id -u), resident memory of all processes $((memory_kb / 1024)) MB"
 }
