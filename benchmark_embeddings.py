@@ -1,12 +1,17 @@
 """Measure the service on the hardware it runs on: `python benchmark_embeddings.py`.
 
-1. In-process: texts of 200, 500 and 1000 tokens (tokens/s, median and p95 latency, chunks).
-2. The ceiling: a measured fp32 matrix-multiply rate on the same threads, turned into the
-   tokens/s this model could reach at most, from the FLOPs per token of its own shape.
-3. Over HTTP, against gunicorn servers this script starts on loopback (batching on, then
-   off) or against `--url`: short queries at 1, 4 and 16 clients, 1000-token texts at 1 and 4,
-   batch requests of 32 texts; requests/s, tokens/s, p50/p95/p99 latency and errors.
-4. The targets from the README, as ratios measured in this one run.
+1. The CPU's flags that decide the engine's speed (avx2, avx512_vnni, avx512_bf16, amx), printed
+   beside every figure with the precision the engine serves in.
+2. In-process, the upstream table: texts of 200, 500 and 1000 tokens on one thread and on every
+   core, torch fp32 (the fallback engine) against the exported model on OpenVINO.
+3. Fidelity: the probe set against torch fp32, and on a generated corpus of 1,000 texts whether
+   each query's nearest neighbour is the one torch finds.
+4. Over HTTP, against gunicorn servers this script starts on loopback, one per engine with each
+   engine's defaults (`--compare engines`, the default), or OpenVINO with batching on and off
+   (`--compare batching`), or against `--url`: a lone short query (taking turns), short queries at
+   1, 4 and 16 clients, 1000-token texts at 1 and 4, 32-text batches at 2; requests/s, tokens/s,
+   p50/p95/p99 latency, errors; start-up to ready; peak memory of all serving processes.
+5. The targets from the README, as ratios measured in this one run.
 
 Every loop is bounded in count and time. `--json` prints the results as JSON too;
 `--plot out.png` draws throughput and latency against concurrency.
@@ -25,7 +30,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -34,11 +39,17 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 # The key of the servers this script starts, and the one it sends to --url.
 API_KEY = os.environ.get("BENCHMARK_API_KEY", "benchmark-key")
-SHORT_QUERY_TOKENS = 15
 IN_PROCESS_LENGTHS = (200, 500, 1000)
-# 200-token texts per call for the in-process throughput compared with the ceiling.
-TEXTS_PER_CALL = 8
 LONE_QUERY_ROUNDS = 100
+CPU_FLAGS = ("avx2", "avx512_vnni", "avx512_bf16", "amx_bf16")
+FIDELITY_CORPUS = 1000
+FIDELITY_QUERIES = 500
+# The servers each comparison starts: name -> environment. "torch" is today's torch build with its
+# defaults (two workers of one thread on 2 cores); "openvino" the default build.
+COMPARISONS = {
+    "engines": {"torch": {"ENGINE": "torch"}, "openvino": {}},
+    "batching": {"batching on": {}, "batching off": {"BATCH_WAIT_MS": "0"}},
+}
 PAUSE_BETWEEN_TURNS = 0.02
 WORDS = ("river mountain city history science music garden ocean language market engine forest "
          "bridge library window village energy planet network kitchen theory festival harbor").split()
@@ -50,8 +61,19 @@ def text_of_tokens(tokenizer, tokens: int, seed: int) -> str:
     """A text of about `tokens` content tokens (decoded from exactly that many ids)."""
     rng = np.random.default_rng(seed)
     words = " ".join(rng.choice(WORDS, size=tokens * 2))
-    ids = tokenizer(words, add_special_tokens=False, verbose=False)["input_ids"][:tokens]
-    return tokenizer.decode(ids)
+    return tokenizer.decode(tokenizer.token_ids([words])[0][:tokens])
+
+
+def generated_texts(count: int, seed: int) -> list[str]:
+    """Sentences from a fixed vocabulary, for the nearest-neighbour fidelity check."""
+    rng = np.random.default_rng(seed)
+    nouns = WORDS + ("doctor teacher river car bicycle phone computer garden city painting song storm "
+                     "recipe invoice contract hospital school airport train").split()
+    verbs = "builds repairs describes crosses visits paints sells studies opens closes follows explains".split()
+    adjectives = "old new red quiet busy distant broken famous hidden modern small large".split()
+    return [f"The {rng.choice(adjectives)} {rng.choice(nouns)} {rng.choice(verbs)} the {rng.choice(adjectives)} "
+            f"{rng.choice(nouns)} near the {rng.choice(nouns)} in {rng.choice(['spring', 'winter', 'the night'])}."
+            for _ in range(count)]
 
 
 def short_queries(count: int) -> list[str]:
@@ -66,25 +88,35 @@ def percentile(values: list[float], q: float) -> float:
 
 # --- machine ------------------------------------------------------------------
 
-def machine_info(torch_threads: int, settings) -> dict:
-    import sentence_transformers
-    import torch
-    import transformers
-    cpu = platform.processor() or "unknown"
+def cpu_flags() -> dict[str, bool]:
+    """Whether the CPU has each instruction set the engines' speed depends on."""
+    try:
+        words = set(open("/proc/cpuinfo").read().split())
+    except OSError:
+        words = set()
+    return {flag: flag in words for flag in CPU_FLAGS}
+
+
+def cpu_name() -> str:
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch_threads,
-            "server": f"{settings.workers} worker(s) x {settings.torch_num_threads} torch thread(s), "
-                      f"{settings.threads} request threads, MAX_BATCH_SIZE {settings.max_batch_size}, "
-                      f"BATCH_WAIT_MS {settings.batch_wait_ms}, BATCH_MAX_TOKENS {settings.batch_max_tokens}",
-            "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "sentence_transformers": sentence_transformers.__version__}
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict:
+    from importlib.metadata import version
+
+    from config import available_cpus
+    return {"cpu": cpu_name(), "cpus": available_cpus(), "flags": cpu_flags(), "python": platform.python_version(),
+            **{name: version(name) for name in ("openvino", "torch", "transformers", "sentence-transformers")}}
+
+
+def flags_text(flags: dict[str, bool]) -> str:
+    return " ".join(f"{flag}{'+' if present else '-'}" for flag, present in flags.items())
 
 
 # --- in-process ---------------------------------------------------------------
@@ -100,7 +132,8 @@ def time_runs(function, runs: int, warmups: int = 2) -> list[float]:
     return timings
 
 
-def in_process(embedder, runs: int) -> dict:
+def in_process_table(embedder, runs: int) -> list[dict]:
+    """The upstream table: one text of 200, 500 and 1000 tokens per call."""
     rows = []
     for tokens in IN_PROCESS_LENGTHS:
         text = text_of_tokens(embedder.tokenizer, tokens, seed=tokens)
@@ -110,32 +143,54 @@ def in_process(embedder, runs: int) -> dict:
         rows.append({"tokens": processed, "chunks": len(tokenized.chunks),
                      "median_ms": 1000 * float(np.median(timings)), "p95_ms": 1000 * percentile(timings, 95),
                      "tokens_per_s": processed / float(np.median(timings))})
-    texts_200 = [text_of_tokens(embedder.tokenizer, 200, seed=n) for n in range(TEXTS_PER_CALL)]
-    tokens_200 = sum(embedder.tokens_processed(text) for text in embedder.tokenize(texts_200))
-    batched_200 = time_runs(lambda: embedder.embed(texts_200), runs)
-    queries = short_queries(32)
-    thirty_two = time_runs(lambda: embedder.embed(queries), runs)
-    return {"texts": rows, "tokens_per_s_200_batched": tokens_200 / float(np.median(batched_200)),
-            "short_queries_32_per_call_per_s": 32 / float(np.median(thirty_two))}
+    return rows
 
 
-def ceiling(embedder, torch_threads: int, sequence_length: int = 200) -> dict:
-    """The most tokens/s the model's matrix multiplies allow at the measured fp32 rate."""
-    import torch
-    torch.set_num_threads(torch_threads)
-    size = 1024
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    timings = time_runs(lambda: torch.mm(a, b), runs=20, warmups=3)
-    flops_per_s = 2 * size ** 3 / float(np.median(timings))
-    config = embedder.model.transformers_model.config
-    hidden, layers = config.hidden_size, config.num_hidden_layers
-    intermediate = getattr(config, "intermediate_size", 4 * hidden)
-    # Per token and layer: Q, K, V and output projections, the feed-forward pair, and
-    # attention scores plus the weighted sum over the sequence (2 FLOPs per multiply-add).
-    flops_per_token = layers * (2 * 4 * hidden * hidden + 2 * 2 * hidden * intermediate
-                                + 2 * 2 * sequence_length * hidden)
-    return {"matmul_gflops": flops_per_s / 1e9, "flops_per_token": flops_per_token,
-            "ceiling_tokens_per_s": flops_per_s / flops_per_token}
+def in_process(settings, runs: int) -> dict:
+    """Each engine on one thread and on every core, in one run."""
+    from config import available_cpus
+    from model_loading import load_exported_models, load_torch_models
+    results = {}
+    for threads in sorted({1, available_cpus()}):
+        engines = {"torch": load_torch_models(replace(settings, engine="torch", engine_threads=threads)),
+                   "openvino": load_exported_models(replace(settings, engine_threads=threads))}
+        for name, models in engines.items():
+            if name == "torch":
+                import torch
+                torch.set_num_threads(threads)
+            results[f"{name}, {threads} thread{'s' if threads > 1 else ''}"] = {
+                "engine": name, "threads": threads, "precision": models.precision,
+                "rows": in_process_table(models.text, runs)}
+    return results
+
+
+def fidelity(settings) -> dict:
+    """The engine's vectors against torch fp32: the probe set, and nearest neighbours on a generated corpus."""
+    from manifest import MANIFEST_FILE, Manifest
+    from model_loading import EXPORT_ENGINE, load_exported_models, load_torch_models
+    from model_locator import locate_export
+    from self_check import cosine_rows, self_check
+    torch_models = load_torch_models(replace(settings, engine="torch"))
+    engine_models = load_exported_models(settings)
+    folder = locate_export(settings.embedding_model, settings.models_dir, EXPORT_ENGINE, MANIFEST_FILE)
+    probes = self_check(engine_models.text, engine_models.images, Manifest.read(folder), folder)
+    corpus, queries = generated_texts(FIDELITY_CORPUS, seed=1), generated_texts(FIDELITY_QUERIES, seed=2)
+    neighbours = {}
+    for name, models in (("torch", torch_models), ("engine", engine_models)):
+        corpus_vectors = unit_rows(np.stack(models.text.embed(corpus)))
+        query_vectors = unit_rows(np.stack(models.text.embed(queries)))
+        neighbours[name] = np.argmax(query_vectors @ corpus_vectors.T, axis=1)
+        if name == "engine":
+            torch_corpus = unit_rows(np.stack(torch_models.text.embed(corpus)))
+            corpus_cosines = cosine_rows(corpus_vectors, torch_corpus)
+    agreement = float(np.mean(neighbours["torch"] == neighbours["engine"]))
+    return {"precision": engine_models.precision, "probe_min_cosine": probes.text_min_cosine,
+            "corpus_min_cosine": float(corpus_cosines.min()), "corpus_median_cosine": float(np.median(corpus_cosines)),
+            "corpus": FIDELITY_CORPUS, "queries": FIDELITY_QUERIES, "nearest_neighbour_agreement": agreement}
+
+
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
 # --- a server on loopback ------------------------------------------------------
@@ -155,6 +210,7 @@ class ServerRun:
     # machine and a container's memory limit count them; the RSS sum would count them per process.
     peak_pss_mb: float = 0.0
     peak_rss_mb: float = 0.0
+    readiness: dict = field(default_factory=dict)  # what /health/ready said: engine and precision
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def watch_memory(self) -> None:
@@ -191,13 +247,14 @@ def start_server(env_changes: dict[str, str], timeout: float = 120) -> ServerRun
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode} before it was ready")
         try:
-            status, _ = request(server.url, "GET", "/health/ready", None)
+            status, body = request(server.url, "GET", "/health/ready", None)
             if status == 200:
                 server.ready_seconds = time.monotonic() - started
+                server.readiness = json.loads(body)
                 return server
         except OSError:
             pass
-        time.sleep(0.05)
+        time.sleep(0.02)
     server.stop()
     raise RuntimeError(f"server not ready within {timeout} s")
 
@@ -284,24 +341,17 @@ def scenarios(embedder) -> list[Scenario]:
     batches = [{"texts": queries[start:start + 32]} for start in (0, 32)]
     return [Scenario("short query", "/embeddings", short, query_tokens, clients) for clients in (1, 4, 16)] + [
         Scenario("1000-token text", "/embeddings", long, document_tokens, clients) for clients in (1, 4)] + [
-        Scenario("batch of 32 short", "/embeddings/batch", batches, 32 * query_tokens, 4)]
+        Scenario("batch of 32 short", "/embeddings/batch", batches, 32 * query_tokens, 2)]
 
 
-def lone_query(embedder, servers: dict[str, ServerRun], rounds: int) -> dict:
-    """One short query at a time, in-process and over HTTP to each server, taking turns.
-
-    Taking turns in the same rounds keeps the machine's drift out of the comparison.
-    """
+def lone_query(servers: dict[str, ServerRun], rounds: int) -> dict:
+    """One short query at a time to each server, taking turns, so the machine's drift hits all alike."""
     query = short_queries(1)[0]
-    timings: dict[str, list[float]] = {"in-process": [], **{mode: [] for mode in servers}}
+    timings: dict[str, list[float]] = {mode: [] for mode in servers}
     connections = {mode: connect(server.url) for mode, server in servers.items()}
     for _ in range(rounds):
-        # A pause before each turn lets the previous one's idle torch threads stop spinning.
-        time.sleep(PAUSE_BETWEEN_TURNS)
-        started = time.perf_counter()
-        embedder.embed([query])
-        timings["in-process"].append(time.perf_counter() - started)
         for mode, server in servers.items():
+            # A pause before each turn lets the previous one's idle engine threads go to sleep.
             time.sleep(PAUSE_BETWEEN_TURNS)
             started = time.perf_counter()
             status, _ = request(server.url, "POST", "/embeddings", {"text": query}, connections[mode])
@@ -312,14 +362,14 @@ def lone_query(embedder, servers: dict[str, ServerRun], rounds: int) -> dict:
     return {mode: 1000 * float(np.median(values)) for mode, values in timings.items()}
 
 
-def http_runs(embedder, url: str | None, duration: float, max_requests: int, extra_env: dict) -> dict:
-    """Every scenario against each server in turn, so batching on and off meet the same conditions."""
-    modes = {"external": None} if url else {"batching on": {}, "batching off": {"BATCH_WAIT_MS": "0"}}
+def http_runs(embedder, url: str | None, compare: str, duration: float, max_requests: int, extra_env: dict) -> dict:
+    """Every scenario against each server in turn, so the servers compared meet the same conditions."""
+    modes = {"external": None} if url else COMPARISONS[compare]
     servers: dict[str, ServerRun] = {}
     try:
         for mode, env in modes.items():
             servers[mode] = ServerRun(url, None, None) if url else start_server({**extra_env, **env})
-        lone = lone_query(embedder, servers, LONE_QUERY_ROUNDS)
+        lone = lone_query(servers, LONE_QUERY_ROUNDS)
         rows: dict[str, list[dict]] = {mode: [] for mode in servers}
         for scenario in scenarios(embedder):
             for mode, server in servers.items():
@@ -329,7 +379,8 @@ def http_runs(embedder, url: str | None, duration: float, max_requests: int, ext
             server.stop()
     return {"lone_query_p50_ms": lone,
             "modes": {mode: {"ready_seconds": server.ready_seconds, "peak_pss_mb": server.peak_pss_mb or None,
-                             "peak_rss_mb": server.peak_rss_mb or None, "rows": rows[mode]}
+                             "peak_rss_mb": server.peak_rss_mb or None, "rows": rows[mode],
+                             "readiness": server.readiness}
                       for mode, server in servers.items()}}
 
 
@@ -339,31 +390,46 @@ def find(rows: list[dict], name: str, clients: int) -> dict:
     return next(row for row in rows if row["scenario"] == name and row["clients"] == clients)
 
 
-def targets(local: dict, top: dict, http: dict) -> list[dict]:
+def targets(report: dict) -> list[dict]:
     checks = []
 
-    def check(name: str, measured: float, target: float, higher_is_better: bool = True) -> None:
+    def check(name: str, measured: float | None, target: float, higher_is_better: bool = True) -> None:
+        if measured is None:
+            checks.append({"target": name, "measured": None, "bound": target, "met": None})
+            return
         passed = measured >= target if higher_is_better else measured <= target
-        checks.append({"target": name, "measured": round(measured, 3), "bound": target, "met": bool(passed)})
+        checks.append({"target": name, "measured": round(measured, 4), "bound": target, "met": bool(passed)})
 
-    check(f"in-process 200-token tokens/s ({TEXTS_PER_CALL} texts per call) / ceiling",
-          local["tokens_per_s_200_batched"] / top["ceiling_tokens_per_s"], 0.70)
-    if "batching on" not in http["modes"]:
+    local, flags = report["in_process"], report["machine"]["flags"]
+    torch_rows, engine_rows = local["torch, 1 thread"]["rows"], local["openvino, 1 thread"]["rows"]
+    for torch_row, engine_row in zip(torch_rows, engine_rows):
+        check(f"in-process, 1 thread, {engine_row['tokens']} tokens: openvino / torch tokens/s",
+              engine_row["tokens_per_s"] / torch_row["tokens_per_s"], 2.0)
+    has_bf16 = flags["avx512_bf16"] or flags["amx_bf16"]
+    check("in-process, 1 thread, 1000 tokens: openvino tokens/s (CPU with bf16 only)",
+          engine_rows[-1]["tokens_per_s"] if has_bf16 else None, 7000.0)
+    fidelity = report["fidelity"]
+    check("probe set: min cosine against torch fp32", fidelity["probe_min_cosine"], 0.9999)
+    check(f"{fidelity['corpus']} generated texts: nearest neighbour equals torch's (share of "
+          f"{fidelity['queries']} queries)", fidelity["nearest_neighbour_agreement"], 0.995)
+    modes = report["http"]["modes"]
+    if set(modes) != {"torch", "openvino"}:
         return checks
-    on, off = http["modes"]["batching on"], http["modes"]["batching off"]
-    on16, off16 = find(on["rows"], "short query", 16), find(off["rows"], "short query", 16)
-    check("16 clients short: batching on / off req/s", on16["requests_per_s"] / off16["requests_per_s"], 3.0)
-    check("16 clients short: req/s / in-process 32-per-call rate",
-          on16["requests_per_s"] / local["short_queries_32_per_call_per_s"], 0.65)
-    check("16 clients short: p50 on / p50 off", on16["p50_ms"] / off16["p50_ms"], 1.0, higher_is_better=False)
-    lone = http["lone_query_p50_ms"]
-    check("one short query alone: HTTP p50 / in-process p50 (taking turns)",
-          lone["batching on"] / lone["in-process"], 1.15, higher_is_better=False)
-    check("4 clients 1000-token: tokens/s / in-process",
-          find(on["rows"], "1000-token text", 4)["tokens_per_s"] / local["texts"][2]["tokens_per_s"], 1.0)
-    check("ready seconds (batching on server)", on["ready_seconds"], 8.0, higher_is_better=False)
-    check("peak memory (PSS) MB of all serving processes", max(on["peak_pss_mb"], off["peak_pss_mb"]), 1024.0,
-          higher_is_better=False)
+    torch_http, engine_http = modes["torch"], modes["openvino"]
+    lone = report["http"]["lone_query_p50_ms"]
+    check("HTTP lone short query p50: openvino / torch", lone["openvino"] / lone["torch"], 0.5, higher_is_better=False)
+
+    def ratio(name: str, clients: int, key: str) -> float:
+        return find(engine_http["rows"], name, clients)[key] / find(torch_http["rows"], name, clients)[key]
+
+    check("HTTP 16 short-query clients: openvino / torch req/s", ratio("short query", 16, "requests_per_s"), 2.0)
+    check("HTTP 1000-token texts, 1 client: openvino / torch tokens/s", ratio("1000-token text", 1, "tokens_per_s"),
+          2.5)
+    check("HTTP 32-text batches, 2 clients: openvino / torch req/s", ratio("batch of 32 short", 2, "requests_per_s"),
+          2.0)
+    check("peak RSS MB of all openvino serving processes", engine_http["peak_rss_mb"], 400.0, higher_is_better=False)
+    check("ready (from process start): openvino / torch", engine_http["ready_seconds"] / torch_http["ready_seconds"],
+          0.3, higher_is_better=False)
     return checks
 
 
@@ -371,40 +437,41 @@ def targets(local: dict, top: dict, http: dict) -> list[dict]:
 
 def print_report(report: dict) -> None:
     info = report["machine"]
-    print(f"Machine: {info['cpu']}, {info['cores']} cores; in-process torch threads {info['torch_threads']}; "
-          f"server {info['server']}")
-    print(f"Versions: "
-          f"python {info['python']}, torch {info['torch']}, transformers {info['transformers']}, "
-          f"sentence-transformers {info['sentence_transformers']}; model {report['model']}")
-    print("\nIn-process (one text per call)")
-    print(f"{'tokens':>7} {'chunks':>6} {'tokens/s':>9} {'median ms':>9} {'p95 ms':>7}")
-    for row in report["in_process"]["texts"]:
-        print(f"{row['tokens']:>7} {row['chunks']:>6} {row['tokens_per_s']:>9.0f} "
-              f"{row['median_ms']:>9.1f} {row['p95_ms']:>7.1f}")
-    local, top = report["in_process"], report["ceiling"]
-    print(f"200-token texts, {TEXTS_PER_CALL} per call: {local['tokens_per_s_200_batched']:.0f} tokens/s; "
-          f"32 short queries per call: {local['short_queries_32_per_call_per_s']:.0f} queries/s")
-    print(f"\nCeiling: fp32 matmul {top['matmul_gflops']:.1f} GFLOP/s, {top['flops_per_token'] / 1e6:.1f} MFLOP/token"
-          f" -> {top['ceiling_tokens_per_s']:.0f} tokens/s; measured/ceiling for 200-token texts: "
-          f"{local['texts'][0]['tokens_per_s'] / top['ceiling_tokens_per_s']:.2f} one per call, "
-          f"{local['tokens_per_s_200_batched'] / top['ceiling_tokens_per_s']:.2f} {TEXTS_PER_CALL} per call")
+    print(f"Machine: {info['cpu']}, {info['cpus']} CPUs; flags: {flags_text(info['flags'])}")
+    print(f"Versions: python {info['python']}, openvino {info['openvino']}, torch {info['torch']}, "
+          f"transformers {info['transformers']}, sentence-transformers {info['sentence-transformers']}; "
+          f"model {report['model']}")
+    print("\nIn-process, one text per call (median of the runs)")
+    print(f"{'engine':<22} {'precision':>9} {'tokens':>7} {'chunks':>6} {'tokens/s':>9} {'median ms':>9} {'p95 ms':>7}")
+    for name, result in report["in_process"].items():
+        for row in result["rows"]:
+            print(f"{name:<22} {result['precision']:>9} {row['tokens']:>7} {row['chunks']:>6} "
+                  f"{row['tokens_per_s']:>9.0f} {row['median_ms']:>9.1f} {row['p95_ms']:>7.1f}")
+    fidelity = report["fidelity"]
+    print(f"\nFidelity ({fidelity['precision']} against torch fp32): probe set min cosine "
+          f"{fidelity['probe_min_cosine']:.6f}; {fidelity['corpus']} generated texts min cosine "
+          f"{fidelity['corpus_min_cosine']:.6f}, median {fidelity['corpus_median_cosine']:.6f}; nearest neighbour "
+          f"of {fidelity['queries']} queries equal to torch's: {100 * fidelity['nearest_neighbour_agreement']:.1f}%")
     lone = report["http"]["lone_query_p50_ms"]
-    print("\nOne short query alone, p50 over " + str(LONE_QUERY_ROUNDS) + " rounds taking turns: "
+    print("\nOne short query alone over HTTP, p50 over " + str(LONE_QUERY_ROUNDS) + " rounds taking turns: "
           + ", ".join(f"{mode} {ms:.1f} ms" for mode, ms in lone.items()))
     for mode, result in report["http"]["modes"].items():
-        ready = f"{result['ready_seconds']:.1f} s" if result["ready_seconds"] else "n/a"
-        memory = (f"{result['peak_pss_mb']:.0f} MB (RSS summed per process {result['peak_rss_mb']:.0f} MB)"
+        ready = f"{result['ready_seconds']:.2f} s" if result["ready_seconds"] else "n/a"
+        memory = (f"RSS {result['peak_rss_mb']:.0f} MB, PSS {result['peak_pss_mb']:.0f} MB"
                   if result["peak_pss_mb"] else "n/a")
-        print(f"\nHTTP, {mode} (ready in {ready}, peak memory {memory})")
+        serving = result.get("readiness") or {}
+        print(f"\nHTTP, {mode}: {serving.get('engine', '?')} {serving.get('precision', '?')} "
+              f"(ready in {ready} from process start; peak memory of all serving processes {memory})")
         print(f"{'scenario':<18} {'clients':>7} {'req/s':>7} {'tokens/s':>9} {'p50 ms':>7} {'p95 ms':>7} "
               f"{'p99 ms':>7} {'errors':>6}")
         for row in result["rows"]:
             print(f"{row['scenario']:<18} {row['clients']:>7} {row['requests_per_s']:>7.1f} "
                   f"{row['tokens_per_s']:>9.0f} {row['p50_ms']:>7.1f} {row['p95_ms']:>7.1f} {row['p99_ms']:>7.1f} "
                   f"{row['errors']:>6}")
-    print("\nTargets (ratios from this run)")
+    print(f"\nTargets (ratios from this run; CPU flags: {flags_text(info['flags'])})")
     for check in report["targets"]:
-        print(f"  {'MET ' if check['met'] else 'MISS'} {check['target']}: {check['measured']} (bound {check['bound']})")
+        verdict = {True: "MET ", False: "MISS", None: "n/a "}[check["met"]]
+        print(f"  {verdict} {check['target']}: {check['measured']} (bound {check['bound']})")
 
 
 def plot(report: dict, path: str) -> None:
@@ -432,9 +499,11 @@ def plot(report: dict, path: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", help="benchmark a running server instead of starting one (key: $BENCHMARK_API_KEY)")
+    parser.add_argument("--compare", choices=sorted(COMPARISONS), default="engines",
+                        help="the servers to start and compare (default: engines, torch against openvino)")
     parser.add_argument("--duration", type=float, default=6.0, help="seconds per HTTP scenario (default 6)")
     parser.add_argument("--max-requests", type=int, default=5000, help="requests per HTTP scenario at most")
-    parser.add_argument("--runs", type=int, default=10, help="timed in-process runs per text (default 10)")
+    parser.add_argument("--runs", type=int, default=20, help="timed in-process runs per text (default 20)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON after the table")
     parser.add_argument("--plot", metavar="PNG", help="draw throughput and latency against concurrency")
     parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
@@ -443,23 +512,22 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    import torch
-
-    from config import available_cpus, load_settings
-    from embeddings import load_model, load_text_embedder
+    from config import load_settings
+    from download_models import prepare_models
     extra_env = dict(item.split("=", 1) for item in args.server_env)
+    # The servers and the in-process runs use the same baked and exported model as `make run`.
+    extra_env.setdefault("MODELS_DIR", os.environ.get("MODELS_DIR", str(HERE / "models")))
     settings = load_settings({**os.environ, **extra_env})
-    # In-process figures use every core: the bar the server is held to.
-    in_process_threads = available_cpus()
-    torch.set_num_threads(in_process_threads)
-    embedder = load_text_embedder(settings, load_model(settings))
+    prepare_models(replace(settings, engine="auto"), allow_download=False)
 
-    report = {"model": settings.embedding_model, "machine": machine_info(in_process_threads, settings),
+    report = {"model": settings.embedding_model, "machine": machine_info(),
               "settings": {key: value for key, value in asdict(settings).items() if key != "api_keys"}}
-    report["in_process"] = in_process(embedder, args.runs)
-    report["ceiling"] = ceiling(embedder, in_process_threads)
-    report["http"] = http_runs(embedder, args.url, args.duration, args.max_requests, extra_env)
-    report["targets"] = targets(report["in_process"], report["ceiling"], report["http"])
+    report["in_process"] = in_process(settings, args.runs)
+    report["fidelity"] = fidelity(settings)
+    from model_loading import load_exported_models
+    embedder = load_exported_models(settings).text
+    report["http"] = http_runs(embedder, args.url, args.compare, args.duration, args.max_requests, extra_env)
+    report["targets"] = targets(report)
     print_report(report)
     if args.json:
         print(json.dumps(report, indent=2))

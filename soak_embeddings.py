@@ -1,9 +1,13 @@
 """Soak test: mixed traffic against a gunicorn server on loopback for a fixed number of minutes.
 
-`python soak_embeddings.py --minutes 5` starts the service itself, sends short queries,
-batches, long texts and bad requests from several clients, samples the resident memory
-of the server's processes, and prints errors and memory over time. It exits non-zero when
-a request got an unexpected status or memory grew by more than 5% after the warm-up.
+`python soak_embeddings.py --minutes 5` starts the service itself (on the model `make run`
+bakes and exports into ./models), sends short queries, batches, long texts and bad requests
+from several clients, samples the resident memory of the server's processes, and prints
+errors and memory over time. It exits non-zero when a request got an unexpected status or
+memory grew by more than 5% after the warm-up.
+
+`--url URL --pid PID` soaks a server started otherwise instead, for example one started by
+`../shared/tools/run-in-memory-limit 512 -- make run`, so that only the service is inside the limit.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 
-from benchmark_embeddings import connect, request, short_queries, start_server
+from benchmark_embeddings import HERE, ServerRun, connect, request, short_queries, start_server
 
 ALLOWED_GROWTH = 0.05
 
@@ -33,6 +37,15 @@ def mixed_traffic(long_text: str) -> list[tuple[str, dict, int]]:
                ("/embeddings/batch", {"texts": ["x"] * 101}, 400)])
 
 
+def start_own_server() -> ServerRun:
+    """The service with its defaults, on the model baked and exported as `make run` does."""
+    from config import load_settings
+    from download_models import prepare_models
+    models_dir = os.environ.get("MODELS_DIR", str(HERE / "models"))
+    prepare_models(load_settings({**os.environ, "MODELS_DIR": models_dir}), allow_download=False)
+    return start_server({"MODELS_DIR": models_dir})
+
+
 def tree_rss_mb(pid: int) -> float:
     root = psutil.Process(pid)
     return sum(process.memory_info().rss for process in [root] + root.children(recursive=True)) / 2 ** 20
@@ -44,10 +57,13 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
     parser.add_argument("--warm-up", type=float, default=120.0, help="seconds before the memory baseline (default 120)")
     parser.add_argument("--sample", type=float, default=15.0, help="seconds between memory samples (default 15)")
+    parser.add_argument("--url", help="soak a running server (key: $BENCHMARK_API_KEY) instead of starting one")
+    parser.add_argument("--pid", type=int, help="with --url: the server's main process, for its memory")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    server = start_server({})
+    server = ServerRun(args.url, None, None) if args.url else start_own_server()
+    server_pid = args.pid if args.url else server.process.pid
     statuses: Counter = Counter()
     unexpected: Counter = Counter()
     lock = threading.Lock()
@@ -81,14 +97,14 @@ def main() -> int:
                 time.sleep(min(args.sample, max(0.0, deadline - time.monotonic())))
                 with lock:
                     done = sum(statuses.values())
-                samples.append((time.monotonic() - started, tree_rss_mb(server.process.pid), done))
+                samples.append((time.monotonic() - started, tree_rss_mb(server_pid) if server_pid else 0.0, done))
                 print(f"{samples[-1][0]:7.0f} s  RSS {samples[-1][1]:7.1f} MB  requests {done}", flush=True)
     finally:
         server.stop()
 
     after_warm_up = [sample for sample in samples if sample[0] >= args.warm_up] or samples
     baseline, final = after_warm_up[0][1], samples[-1][1]
-    growth = (final - baseline) / baseline
+    growth = (final - baseline) / baseline if baseline else 0.0
     print(f"\nstatuses: {dict(statuses)}")
     print(f"unexpected: {dict(unexpected) or 'none'}")
     print(f"memory after warm-up {baseline:.1f} MB, at the end {final:.1f} MB, growth {100 * growth:+.2f}% "
