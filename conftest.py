@@ -10,8 +10,9 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
+import psutil
 import pytest
 import requests
 from werkzeug.serving import make_server
@@ -136,17 +137,25 @@ class GunicornServer:
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def worker_pids(self) -> list[int]:
+        return [child.pid for child in psutil.Process(self.process.pid).children()]
+
     def wait_until_ready(self, timeout: float = START_TIMEOUT) -> None:
+        self.wait_for_readiness(lambda answer: answer.status_code == 200, "ready", timeout)
+
+    def wait_for_readiness(self, wanted: Callable[[requests.Response], bool], what: str,
+                           timeout: float = START_TIMEOUT) -> None:
+        """Poll /health/ready until one answer is the one wanted, for at most `timeout` seconds."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.process.poll() is None, self.output()
             try:
-                if requests.get(self.url + "/health/ready", timeout=2).status_code == 200:
+                if wanted(requests.get(self.url + "/health/ready", timeout=2)):
                     return
             except requests.ConnectionError:
                 pass
             time.sleep(0.1)
-        raise AssertionError(f"not ready within {timeout} s:\n{self.output()}")
+        raise AssertionError(f"not {what} within {timeout} s:\n{self.output()}")
 
     def stop(self) -> int:
         if self.process.poll() is None:
@@ -159,13 +168,16 @@ class GunicornServer:
         return self.process.returncode
 
 
-def start_gunicorn(log_dir: Path, **env_changes: str) -> GunicornServer:
-    """gunicorn with the project's gunicorn.conf.py on a free loopback port; output goes to a file."""
+def start_gunicorn(log_dir: Path, *arguments: str, **env_changes: str) -> GunicornServer:
+    """gunicorn with the project's gunicorn.conf.py on a free loopback port; output goes to a file.
+
+    `arguments` are more gunicorn command-line flags, such as ("-w", "1").
+    """
     port = free_port()
     env = {**os.environ, "PORT": str(port), **env_changes}
     log_path = log_dir / f"gunicorn-{port}.log"
     command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{port}",
-               "main:create_app()"]
+               *arguments, "main:create_app()"]
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=HERE, env=env, stdout=log, stderr=subprocess.STDOUT)
     return GunicornServer(f"http://127.0.0.1:{port}", process, log_path)

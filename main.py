@@ -210,10 +210,10 @@ def liveness():
 @health.get("/health/ready")
 def readiness():
     ready, body = embedding_service().readiness()
-    workers_ready = worker_registry.ready_workers()
-    if ready and workers_ready is not None and workers_ready < settings().workers:
+    workers = worker_registry.worker_counts()
+    if ready and workers is not None and not workers.all_ready:
         # This worker is ready but another still loads: a request sent to it would get 503.
-        ready, body = False, {"status": "loading", "workers_ready": workers_ready, "workers": settings().workers}
+        ready, body = False, {"status": "loading", "workers_ready": workers.ready, "workers": workers.running}
     return jsonify(body), 200 if ready else 503
 
 
