@@ -64,22 +64,13 @@ def assert_every_worker_serves(server) -> None:
     assert set(statuses) == {200}, statuses
 
 
-def test_ready_means_every_worker_has_its_model(tmp_path):
-    server = start_gunicorn(tmp_path, VECTOR_EMBEDDER_API_KEY="k", WORKERS="2")
+@pytest.mark.parametrize("arguments, workers", [((), 2), (("-w", "1"), 1)], ids=["WORKERS=2", "-w 1 over WORKERS=2"])
+def test_ready_means_every_worker_has_its_model(tmp_path, arguments, workers):
+    # With -w 1, readiness must not wait for the second worker WORKERS asks for: gunicorn never starts it.
+    server = start_gunicorn(tmp_path, *arguments, VECTOR_EMBEDDER_API_KEY="k", WORKERS="2")
     try:
         server.wait_until_ready()
-        assert len(server.worker_pids()) == 2
-        assert_every_worker_serves(server)
-    finally:
-        server.stop()
-
-
-def test_ready_counts_the_workers_started_by_w_not_the_setting(tmp_path):
-    # WORKERS says 2, the command line says 1: readiness must not wait for a worker that never comes.
-    server = start_gunicorn(tmp_path, "-w", "1", VECTOR_EMBEDDER_API_KEY="k", WORKERS="2")
-    try:
-        server.wait_until_ready()
-        assert len(server.worker_pids()) == 1
+        assert len(server.worker_pids()) == workers
         assert_every_worker_serves(server)
     finally:
         server.stop()
