@@ -145,16 +145,20 @@ class GunicornServer:
 
     def wait_for_readiness(self, wanted: Callable[[requests.Response], bool], what: str,
                            timeout: float = START_TIMEOUT) -> None:
-        """Poll /health/ready until one answer is the one wanted, for at most `timeout` seconds."""
+        """Poll /health/ready until one answer is the one wanted, for at most `timeout` seconds.
+
+        A server that never gives it is stopped, so that a failed test leaves no gunicorn behind.
+        """
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.process.poll() is None, self.output()
             try:
                 if wanted(requests.get(self.url + "/health/ready", timeout=2)):
                     return
-            except requests.ConnectionError:
-                pass
+            except (requests.ConnectionError, requests.Timeout):
+                pass  # not listening yet, or too busy loading to answer in time
             time.sleep(0.1)
+        self.stop()
         raise AssertionError(f"not {what} within {timeout} s:\n{self.output()}")
 
     def stop(self) -> int:
