@@ -17,9 +17,10 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
+import psutil
 import pytest
 import requests
 from werkzeug.serving import make_server
@@ -194,17 +195,29 @@ class GunicornServer:
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def worker_pids(self) -> list[int]:
+        return [child.pid for child in psutil.Process(self.process.pid).children()]
+
     def wait_until_ready(self, timeout: float = START_TIMEOUT) -> None:
+        self.wait_for_readiness(lambda answer: answer.status_code == 200, "ready", timeout)
+
+    def wait_for_readiness(self, wanted: Callable[[requests.Response], bool], what: str,
+                           timeout: float = START_TIMEOUT) -> None:
+        """Poll /health/ready until one answer is the one wanted, for at most `timeout` seconds.
+
+        A server that never gives it is stopped, so that a failed test leaves no gunicorn behind.
+        """
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.process.poll() is None, self.output()
             try:
-                if requests.get(self.url + "/health/ready", timeout=2).status_code == 200:
+                if wanted(requests.get(self.url + "/health/ready", timeout=2)):
                     return
-            except requests.ConnectionError:
-                pass
+            except (requests.ConnectionError, requests.Timeout):
+                pass  # not listening yet, or too busy loading to answer in time
             time.sleep(0.1)
-        raise AssertionError(f"not ready within {timeout} s:\n{self.output()}")
+        self.stop()
+        raise AssertionError(f"not {what} within {timeout} s:\n{self.output()}")
 
     def stop(self) -> int:
         if self.process.poll() is None:
@@ -217,15 +230,16 @@ class GunicornServer:
         return self.process.returncode
 
 
-def start_gunicorn(log_dir: Path, models_dir: Path, **env_changes: str) -> GunicornServer:
+def start_gunicorn(log_dir: Path, models_dir: Path, *arguments: str, **env_changes: str) -> GunicornServer:
     """gunicorn with the project's gunicorn.conf.py on a free loopback port, serving models_dir's exports.
 
-    Output goes to a file."""
+    Output goes to a file. `arguments` are more gunicorn command-line flags, such as ("-w", "1").
+    """
     port = free_port()
     env = {**os.environ, "PORT": str(port), "MODELS_DIR": str(models_dir), **env_changes}
     log_path = log_dir / f"gunicorn-{port}.log"
     command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{port}",
-               "main:create_app()"]
+               *arguments, "main:create_app()"]
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=HERE, env=env, stdout=log, stderr=subprocess.STDOUT)
     return GunicornServer(f"http://127.0.0.1:{port}", process, log_path)

@@ -47,6 +47,16 @@ def worker_exit(server, worker):
         service.stop()
 
 
+def nworkers_changed(server, new_value, old_value):
+    """Publish the number of workers gunicorn keeps, so readiness waits for exactly those.
+
+    gunicorn calls this when it sets the number: at start (after -w, GUNICORN_CMD_ARGS and this
+    file are merged, so `workers` above may not be the truth), on TTIN/TTOU and on reload.
+    """
+    import worker_registry
+    worker_registry.publish_worker_count(new_value)
+
+
 def child_exit(server, worker):
     from prometheus_client import multiprocess
 

@@ -23,6 +23,7 @@ import observability
 import worker_registry
 from batcher import BatchStats, QueueFullError
 from image_embeddings import ImageInputError, ImageTooLargeError, check_byte_size, decode_base64_image
+from model_locator import served_model_id, without_local_paths
 from observability import Metrics, count_work
 from service import EmbeddingService, ImagesNotSupportedError, ModelNotReadyError
 
@@ -210,11 +211,22 @@ def liveness():
 @health.get("/health/ready")
 def readiness():
     ready, body = embedding_service().readiness()
-    workers_ready = worker_registry.ready_workers()
-    if ready and workers_ready is not None and workers_ready < settings().workers:
+    workers = worker_registry.worker_counts()
+    if ready and workers is not None and not workers.all_ready:
         # This worker is ready but another still loads: a request sent to it would get 503.
-        ready, body = False, {"status": "loading", "workers_ready": workers_ready, "workers": settings().workers}
-    return jsonify(body), 200 if ready else 503
+        ready, body = False, {"status": "loading", "workers_ready": workers.ready, "workers": workers.running}
+    return jsonify(readiness_for_anyone(body)), 200 if ready else 503
+
+
+def readiness_for_anyone(body: dict[str, Any]) -> dict[str, Any]:
+    """The readiness body without this machine's folders: the route needs no key, and the log has them."""
+    name = settings().embedding_model
+    shown = dict(body)
+    if "model" in shown:
+        shown["model"] = served_model_id(name)
+    if "reason" in shown:
+        shown["reason"] = without_local_paths(shown["reason"], name)
+    return shown
 
 
 @health.get("/metrics")
@@ -297,7 +309,8 @@ def handle_not_ready(error: ModelNotReadyError):
     if state == "loading":
         return error_response(503, "The model is still loading; retry when GET /health/ready answers 200",
                               {"Retry-After": str(LOADING_RETRY_AFTER)}, code="model_loading")
-    return error_response(503, f"The model failed to load, so no embeddings can be made: {state}",
+    reason = without_local_paths(state, settings().embedding_model)
+    return error_response(503, f"The model failed to load, so no embeddings can be made: {reason}",
                           code="model_load_failed")
 
 

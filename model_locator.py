@@ -8,10 +8,15 @@ the operator allows downloads.
 from __future__ import annotations
 
 import importlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 HUB_ORGANISATION = "sentence-transformers"
+
+# An absolute path inside a message: a slash that starts a word, up to a space, quote or separator.
+ABSOLUTE_PATH = re.compile(r"(?<![\w.~/:-])/[^\s'\"`,;()\[\]]+")
+HIDDEN_PATH = "<path>"
 
 # Installed Python packages that carry a model's weights, by the model's hub id
 # in lower case, with the function that returns the model's folder.
@@ -43,6 +48,26 @@ class ModelLocation:
 def hub_id(name: str) -> str:
     """The hub id of a model name: short names belong to the sentence-transformers organisation."""
     return name if "/" in name else f"{HUB_ORGANISATION}/{name}"
+
+
+def served_model_id(name: str) -> str:
+    """The model's id in responses: its configured name, or a local folder's own name (no paths leak)."""
+    if Path(name).is_absolute() or name.startswith((".", "~")) or Path(name).is_dir():
+        return Path(name).name
+    return name
+
+
+def without_local_paths(message: str, name: str) -> str:
+    """A message about model `name` for routes anyone may call: no folder of this machine in it.
+
+    The model's own folder becomes its served id, as a whole even if it holds spaces; any other
+    absolute path (the baked folder, a file in a cache) becomes <path>.
+    """
+    local = Path(name).expanduser()
+    for folder in sorted({str(local), str(local.resolve())}, key=len, reverse=True):
+        if Path(folder).is_absolute():
+            message = message.replace(folder, served_model_id(name))
+    return ABSOLUTE_PATH.sub(HIDDEN_PATH, message)
 
 
 def baked_model_dir(models_dir: str | Path, name: str) -> Path:

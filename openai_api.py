@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -19,7 +18,7 @@ from image_embeddings import ImageInputError
 from main import (ApiError, embedding_service, image_errors, json_type, read_json_object, require_api_key,
                   require_field, settings, validate_image_string, validate_text)
 from observability import count_work
-from model_locator import hub_id
+from model_locator import hub_id, served_model_id
 
 openai_api = Blueprint("openai", __name__)
 openai_api.before_request(require_api_key)
@@ -30,13 +29,6 @@ OWNED_BY = "vector-embedder"
 
 
 # --- the served model's names ---------------------------------------------
-
-def served_model_id(name: str) -> str:
-    """The model's id in responses: its configured name, or a local folder's own name (no paths leak)."""
-    if Path(name).is_absolute() or name.startswith((".", "~")) or Path(name).is_dir():
-        return Path(name).name
-    return name
-
 
 def model_aliases(name: str) -> set[str]:
     """Names a request may use for the served model, in lower case.

@@ -95,13 +95,14 @@ SCHEMAS: dict[str, Any] = {
         "type": "object", "required": ["status"],
         "properties": {
             "status": {"type": "string", "enum": ["ready", "loading", "error"]},
-            "model": {"type": "string"},
+            "model": {"type": "string", "description": "The model's id as GET /v1/models gives it (no folder)."},
             "supports_images": {"type": "boolean"},
             "engine": {"type": "string", "enum": ["openvino", "torch"],
                        "description": "The inference engine serving the model (status ready)."},
             "precision": {"type": "string", "description": "The precision the engine computes in: bf16 where "
                                                            "the CPU has it and the self-check passed, else f32."},
-            "reason": {"type": "string", "description": "Why loading failed (status error)."},
+            "reason": {"type": "string", "description": "Why loading failed (status error); absolute paths "
+                                                        "are shown as <path>, the log has them."},
             "workers_ready": {"type": "integer", "description": "Workers with their model loaded (status loading, "
                                                                 "when some but not all are ready)."},
             "workers": {"type": "integer", "description": "Workers the server runs."},

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from config import Settings
 from conftest import SAME_ENGINE_MIN_COSINE, TEST_API_KEY, assert_same_vectors, start_live_server
 from main import create_app
 from model_loading import load_models
+from model_locator import without_local_paths
 from service import EmbeddingService
 
 AUTH = {"X-API-Key": TEST_API_KEY}
@@ -188,6 +190,53 @@ def test_a_model_that_cannot_load_is_reported_not_served(tmp_path):
         assert response.status_code == 503 and "failed to load" in response.json()["error"]
     finally:
         live.stop()
+
+
+def test_ready_names_a_model_folder_as_v1_models_does(tiny_clip_server, tiny_clip_settings):
+    folder = Path(tiny_clip_settings.embedding_model)
+    ready = requests.get(tiny_clip_server.url + "/health/ready", timeout=5)
+    models = requests.get(tiny_clip_server.url + "/v1/models", headers=AUTH, timeout=10).json()
+    assert ready.status_code == 200
+    assert ready.json()["model"] == models["data"][0]["id"] == folder.name
+    assert str(folder.parent) not in ready.text
+
+
+@pytest.mark.parametrize("folder_exists", [True, False], ids=["broken folder", "missing folder"])
+def test_a_model_folder_that_cannot_load_is_reported_without_its_path(tmp_path, caplog, folder_exists):
+    # An empty folder fails in the real loader; a missing one is not found. A space must not cut the path short.
+    folder = tmp_path / ("our models" if folder_exists else "gone") / "my-clip"
+    if folder_exists:
+        folder.mkdir(parents=True)
+    settings = Settings(api_keys=(TEST_API_KEY,), embedding_model=str(folder), models_dir=str(tmp_path / "baked"))
+    service = EmbeddingService(settings)
+    live = start_live_server(create_app(settings, service))
+    try:
+        with caplog.at_level(logging.ERROR, logger="service"):
+            service.start_loading()
+            assert not service.wait_until_loaded(60)
+        ready = requests.get(live.url + "/health/ready", timeout=5)
+        body = ready.json()
+        assert ready.status_code == 503 and body["status"] == "error" and body["model"] == "my-clip"
+        assert "my-clip" in body["reason"]
+        response = post(live, "/embeddings", json={"text": "anything"})
+        assert response.status_code == 503 and "failed to load" in response.json()["error"]
+        for text in (ready.text, response.text):
+            assert str(tmp_path) not in text and "our models" not in text and "gone" not in text, text
+        # The operator's log keeps the whole reason, paths included.
+        assert any(str(folder) in record.getMessage() for record in caplog.records)
+    finally:
+        live.stop()
+
+
+@pytest.mark.parametrize("message, shown", [
+    ("no baked model in /models/sentence-transformers__x; no package", "no baked model in <path>; no package"),
+    ("see https://huggingface.co/sentence-transformers/all-MiniLM-L6-v2 (1/2)",
+     "see https://huggingface.co/sentence-transformers/all-MiniLM-L6-v2 (1/2)"),
+    ("Unrecognized model in /srv/my models/my-clip.", "Unrecognized model in my-clip."),
+    ("Can't read '/srv/my models/my-clip/config.json'", "Can't read 'my-clip/config.json'"),
+])
+def test_public_messages_keep_names_and_hide_absolute_paths(message, shown):
+    assert without_local_paths(message, "/srv/my models/my-clip") == shown
 
 
 def test_default_key_logs_a_warning(loaded_service, caplog):

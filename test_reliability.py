@@ -26,10 +26,6 @@ def gunicorn_server(tmp_path, models_dir):
     server.stop()
 
 
-def worker_pids(server) -> list[int]:
-    return [child.pid for child in psutil.Process(server.process.pid).children()]
-
-
 def tree_rss_mb(server) -> float:
     root = psutil.Process(server.process.pid)
     return sum(process.memory_info().rss for process in [root] + root.children(recursive=True)) / 2 ** 20
@@ -46,7 +42,7 @@ def test_a_killed_worker_is_replaced_and_readiness_follows(tmp_path, models_dir,
 
 
 def check_worker_replacement(gunicorn_server, text_embedder):
-    [old_worker] = worker_pids(gunicorn_server)
+    [old_worker] = gunicorn_server.worker_pids()
     in_flight = ThreadPoolExecutor(1)
     request = in_flight.submit(requests.post, gunicorn_server.url + "/embeddings/batch",
                                json={"texts": [DOCUMENT] * 40}, headers=AUTH, timeout=60)
@@ -66,7 +62,7 @@ def check_worker_replacement(gunicorn_server, text_embedder):
             break
         time.sleep(0.05)
     assert seen[-1] == "ready" and "loading" in seen, seen
-    [new_worker] = worker_pids(gunicorn_server)
+    [new_worker] = gunicorn_server.worker_pids()
     assert new_worker != old_worker
     response = requests.post(gunicorn_server.url + "/embeddings", json={"text": "back again"}, headers=AUTH, timeout=30)
     assert_same_vectors(response.json()["embeddings"][0], text_embedder.embed(["back again"])[0],

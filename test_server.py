@@ -1,6 +1,8 @@
 """The service as it is run in production: gunicorn with gunicorn.conf.py, on loopback."""
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import psutil
@@ -81,29 +83,60 @@ def test_a_bad_setting_stops_start_up_naming_the_variable(tmp_path, models_dir, 
     assert name in server.output()
 
 
-def test_ready_means_every_worker_has_its_model(tmp_path, models_dir):
-    server = start_gunicorn(tmp_path, models_dir, VECTOR_EMBEDDER_API_KEY="k", WORKERS="2")
+def assert_every_worker_serves(server) -> None:
+    # Fresh connections land on any worker: none may still be loading.
+    statuses = [requests.post(server.url + "/embeddings", json={"text": f"probe {n}"},
+                              headers={"X-API-Key": "k", "Connection": "close"}, timeout=30).status_code
+                for n in range(30)]
+    assert set(statuses) == {200}, statuses
+
+
+@pytest.mark.parametrize("arguments, workers", [((), 2), (("-w", "1"), 1)], ids=["WORKERS=2", "-w 1 over WORKERS=2"])
+def test_ready_means_every_worker_has_its_model(tmp_path, models_dir, arguments, workers):
+    # With -w 1, readiness must not wait for the second worker WORKERS asks for: gunicorn never starts it.
+    server = start_gunicorn(tmp_path, models_dir, *arguments, VECTOR_EMBEDDER_API_KEY="k", WORKERS="2")
     try:
         server.wait_until_ready()
-        # Fresh connections land on either worker: none may still be loading.
-        statuses = [requests.post(server.url + "/embeddings", json={"text": f"probe {n}"},
-                                  headers={"X-API-Key": "k", "Connection": "close"}, timeout=30).status_code
-                    for n in range(30)]
-        assert set(statuses) == {200}, statuses
+        assert len(server.worker_pids()) == workers
+        assert_every_worker_serves(server)
+    finally:
+        server.stop()
+
+
+def test_ready_follows_gunicorn_cmd_args_and_a_worker_added_with_ttin(tmp_path, models_dir):
+    # The torch engine, whose workers take seconds to load: the test must see the added one still loading.
+    server = start_gunicorn(tmp_path, models_dir, VECTOR_EMBEDDER_API_KEY="k", WORKERS="2", ENGINE="torch",
+                            GUNICORN_CMD_ARGS="--workers 1")
+    try:
+        server.wait_until_ready()
+        assert len(server.worker_pids()) == 1
+        os.kill(server.process.pid, signal.SIGTTIN)
+        # The ready worker now waits for the one gunicorn added while that one loads its model.
+        waiting = {"status": "loading", "workers_ready": 1, "workers": 2}
+        server.wait_for_readiness(lambda answer: answer.status_code == 503 and answer.json() == waiting,
+                                  f"answering {waiting}")
+        server.wait_until_ready()
+        assert len(server.worker_pids()) == 2
+        assert_every_worker_serves(server)
     finally:
         server.stop()
 
 
 def test_worker_registry_counts_live_ready_workers(tmp_path, monkeypatch):
-    import os
-
     import worker_registry
     monkeypatch.setenv("WORKER_STATE_DIR", str(tmp_path))
     assert worker_registry.ready_workers() == 0
+    assert worker_registry.worker_counts() is None  # gunicorn has not said how many it runs
+    worker_registry.publish_worker_count(2)
     worker_registry.mark_ready()
     worker_registry.mark_ready(pid=2 ** 22 + 7)  # no such process: a worker that died
     assert worker_registry.ready_workers() == 1
+    assert worker_registry.worker_counts() == worker_registry.WorkerCounts(ready=1, running=2)
+    assert not worker_registry.worker_counts().all_ready
+    worker_registry.publish_worker_count(1)  # TTOU
+    assert worker_registry.worker_counts().all_ready
     worker_registry.forget(os.getpid())
     assert worker_registry.ready_workers() == 0
     monkeypatch.delenv("WORKER_STATE_DIR")
     assert worker_registry.ready_workers() is None
+    assert worker_registry.worker_counts() is None
