@@ -3,9 +3,12 @@
 Decoding guards memory and time before any pixel is allocated: the encoded
 size is checked before base64 decoding, the pixel count is read from the file
 header and checked before the pixels are decoded, and only the first frame of
-an animated file is ever decoded. Each image is reduced to the model's input
-tensor as soon as it is decoded, so a batch holds at most one full-size image
-at a time.
+an animated file is ever decoded. A large image is decoded at reduced size when
+its format allows it (JPEG decodes at 1/2, 1/4 or 1/8 scale), otherwise reduced
+right after decoding, to no less than twice the model's input size on its
+shortest side; it is converted to RGB a band of rows at a time, so no full-size
+converted copy exists. Each image is then reduced to the model's input tensor
+at once, so a batch holds at most one decoded image at a time.
 
 A model embeds images when its first module supports the "image" modality,
 as a CLIP model loaded by sentence-transformers does; its text tower is used
@@ -20,7 +23,7 @@ import re
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from config import Settings
 
@@ -41,6 +44,21 @@ WHITESPACE = re.compile(r"\s+")
 HIGH_DEPTH_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
 # Transparent pixels are shown on white, as the transformers image processors do.
 BACKGROUND = (255, 255, 255, 255)
+# A reduced image keeps at least this many times the model's input size on its shortest side, so the
+# model's own bicubic resize, not the cheap reduction, decides the pixels the model sees.
+DETAIL_MARGIN = 2
+# Pixels converted to RGB at once while reducing: a few MB, whatever the size of the image.
+BAND_PIXELS = 1 << 20
+# The turn that shows an image upright, for each EXIF orientation value (as in ImageOps.exif_transpose).
+UPRIGHT_TURNS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 class ImageInputError(ValueError):
@@ -97,20 +115,33 @@ def check_byte_size(data: bytes, max_bytes: int) -> bytes:
     return data
 
 
-def open_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode image bytes into an upright RGB image, refusing anything unsafe before it is decoded."""
+def open_image(data: bytes, max_pixels: int, input_size: int | None = None) -> Image.Image:
+    """Decode image bytes into an upright RGB image, refusing anything unsafe before it is decoded.
+
+    With the model's input size (the side of the square its image processor makes), a larger image is
+    decoded or reduced to a shortest side of at least DETAIL_MARGIN times that; a smaller one stays as it is.
+    """
     if not data:
         raise ImageInputError("is empty (0 bytes): send the bytes of an image file")
     image = _open_header(data, max_pixels)
+    if input_size:
+        # JPEG decodes at the largest of 1/2, 1/4 or 1/8 scale that keeps this size; other formats ignore it.
+        # The shortest side does not depend on the orientation, so the turn upright can come after.
+        kept = DETAIL_MARGIN * input_size
+        image.draft(None, (kept, kept))
     try:
         image.load()
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise ImageInputError(f"is a damaged or truncated {image.format} file that cannot be decoded "
                               f"({error})") from None
+    # Read from the decoded file: a reduced copy carries no TIFF tags (and TIFF turns itself on load).
+    turn = upright_turn(image)
+    factor = min(image.size) // (DETAIL_MARGIN * input_size) if input_size else 1
     try:
-        return to_rgb(upright(image))
+        rgb = reduced_rgb(image, factor)
     except (OSError, ValueError) as error:
         raise ImageInputError(f"has pixel mode {image.mode} that cannot be converted to RGB ({error})") from None
+    return rgb if turn is None else rgb.transpose(turn)
 
 
 def _open_header(data: bytes, max_pixels: int) -> Image.Image:
@@ -143,13 +174,30 @@ def _too_many_pixels(size: tuple[int, int], max_pixels: int) -> ImageTooLargeErr
                               f"pixels (MAX_IMAGE_PIXELS)")
 
 
-def upright(image: Image.Image) -> Image.Image:
-    """The image turned the way its EXIF orientation tag says it is meant to be seen."""
+def upright_turn(image: Image.Image) -> Image.Transpose | None:
+    """The turn its EXIF (or XMP) orientation tag says shows the image as it is meant to be seen."""
     try:
-        return ImageOps.exif_transpose(image)
+        return UPRIGHT_TURNS.get(image.getexif().get(ExifTags.Base.Orientation))
     except (OSError, SyntaxError, ValueError, TypeError, KeyError):
         # A broken EXIF block must not cost the user the image: use it as stored.
-        return image
+        return None
+
+
+def reduced_rgb(image: Image.Image, factor: int) -> Image.Image:
+    """to_rgb(image) reduced `factor` times (box average), converted a band of rows at a time.
+
+    Each band's rows are a multiple of factor, so the result equals converting the whole image and then
+    reducing it, without ever holding a full-size converted copy.
+    """
+    if factor < 2:
+        return to_rgb(image)
+    width, height = image.size
+    band_rows = factor * max(1, BAND_PIXELS // (width * factor))
+    reduced = Image.new("RGB", (-(-width // factor), -(-height // factor)))
+    for top in range(0, height, band_rows):
+        band = image.crop((0, top, width, min(top + band_rows, height)))
+        reduced.paste(to_rgb(band).reduce(factor), (0, top // factor))
+    return reduced
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -176,12 +224,15 @@ def supports_images(model: SentenceTransformer) -> bool:
 class ImageEmbedder:
     """Turns images into vectors with a multimodal sentence-transformers model."""
 
-    def __init__(self, model: SentenceTransformer, max_batch_size: int, max_pixels: int) -> None:
+    def __init__(self, model: SentenceTransformer, max_batch_size: int, max_pixels: int,
+                 input_size: int | None) -> None:
         if not supports_images(model):
             raise ValueError(f"The model supports only {model.modalities}, not images")
         self.model = model
         self.max_batch_size = max_batch_size
         self.max_pixels = max_pixels
+        # Large images are decoded at reduced size for it; None decodes them at full size.
+        self.input_size = input_size
         self.dimension = model.get_embedding_dimension()
 
     def prepare(self, image: Image.Image) -> dict[str, Any]:
@@ -189,14 +240,14 @@ class ImageEmbedder:
         return self.model.preprocess([image])
 
     def prepare_encoded(self, encoded_images: Sequence[bytes]) -> list[dict[str, Any]]:
-        """Decode and prepare each image in turn, so only one full-size image is held at a time.
+        """Decode and prepare each image in turn, so only one decoded image is held at a time.
 
         An image that cannot be used raises its error with `index` set to its position.
         """
         prepared = []
         for index, data in enumerate(encoded_images):
             try:
-                prepared.append(self.prepare(open_image(data, self.max_pixels)))
+                prepared.append(self.prepare(open_image(data, self.max_pixels, self.input_size)))
             except ImageInputError as error:
                 error.index = index
                 raise
@@ -230,4 +281,16 @@ def load_image_embedder(settings: Settings, model: SentenceTransformer) -> Image
     """An image embedder on the loaded model, or None when the model embeds text only."""
     if not supports_images(model):
         return None
-    return ImageEmbedder(model, settings.max_batch_size, settings.max_image_pixels)
+    return ImageEmbedder(model, settings.max_batch_size, settings.max_image_pixels, image_input_size(model))
+
+
+def image_input_size(model: SentenceTransformer) -> int | None:
+    """The side of the square the model's image processor makes of every image (CLIP ViT-B/32: 224).
+
+    The larger of its resize target and its crop; None, so images are decoded at full size, without them.
+    """
+    image_processor = getattr(getattr(model[0], "processor", None), "image_processor", None)
+    size = getattr(image_processor, "size", None) or {}
+    crop_size = getattr(image_processor, "crop_size", None) or {}
+    sides = [size.get("shortest_edge"), crop_size.get("height"), crop_size.get("width")]
+    return max((side for side in sides if side), default=None)
