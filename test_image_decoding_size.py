@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageChops, ImageDraw, ImageOps
 
-from image_embeddings import BAND_PIXELS, open_image, to_rgb
+import image_embeddings
+from image_embeddings import open_image, to_rgb
 from test_image_embeddings import cosine, encoded
 from tiny_clip import write_tiny_clip
 
@@ -129,11 +130,15 @@ def sixteen_bit_ramp() -> Image.Image:
     return Image.frombytes("I;16", BANDED_SIZE, np.linspace(0, 65535, width * height, dtype="<u2").tobytes())
 
 
+def cmyk_photo() -> Image.Image:
+    return photo_like(BANDED_SIZE).convert("CMYK")
+
+
 @pytest.mark.parametrize("make_image, image_format", [
     (palette_with_a_transparent_colour, "GIF"),
     (transparent_towards_the_bottom, "PNG"),
     (sixteen_bit_ramp, "PNG"),
-    (lambda: photo_like(BANDED_SIZE).convert("CMYK"), "TIFF"),
+    (cmyk_photo, "TIFF"),
 ])
 def test_reduction_converts_every_mode_as_the_full_decode_does(make_image, image_format):
     image = make_image()
@@ -142,7 +147,7 @@ def test_reduction_converts_every_mode_as_the_full_decode_does(make_image, image
     assert opened.mode == image.mode and opened.info.get("transparency") == image.info.get("transparency")
     input_size = 32
     factor = min(opened.size) // (2 * input_size)
-    assert factor >= 2 and opened.width * opened.height > 2 * BAND_PIXELS
+    assert factor >= 2 and opened.width * opened.height > 2 * image_embeddings.BAND_PIXELS
     # Converted a band at a time, the result is exactly the full-size conversion reduced: transparency
     # is shown on white and 16-bit samples are scaled, pixel for pixel as before.
     expected = to_rgb(full_decode(data)).reduce(factor)
