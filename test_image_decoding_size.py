@@ -35,7 +35,7 @@ MIN_COSINE = 0.999
 def photo_like(size: tuple[int, int], grain: float = 4.0) -> Image.Image:
     """Colour gradients with sensor-like grain and a few sharp-edged shapes: it compresses like a photo.
 
-    At 8000x6000 and JPEG quality 90 it is about 7.5 MB, within the default MAX_IMAGE_SIZE.
+    At 8000x6000 and JPEG quality 90 it is about 7.6 MiB, within the default MAX_IMAGE_SIZE.
     """
     down = Image.linear_gradient("L").resize(size)
     across = down.transpose(Image.Transpose.ROTATE_90).resize(size)
