@@ -3,9 +3,12 @@
 Decoding guards memory and time before any pixel is allocated: the encoded
 size is checked before base64 decoding, the pixel count is read from the file
 header and checked before the pixels are decoded, and only the first frame of
-an animated file is ever decoded. Each image is reduced to the model's input
-tensor as soon as it is decoded, so a batch holds at most one full-size image
-at a time.
+an animated file is ever decoded. A large image is decoded at reduced size when
+its format allows it (JPEG decodes at 1/2, 1/4 or 1/8 scale), otherwise reduced
+right after decoding, to no less than twice the model's input size on its
+shortest side; it is converted to RGB a band of rows at a time, so no full-size
+converted copy exists. Each image is then reduced to the model's input tensor
+at once, so a batch holds at most one decoded image at a time.
 
 A CLIP model embeds images with its image tower on the inference engine, after
 the model's own preprocessing reproduced with Pillow and numpy; its text tower
@@ -22,7 +25,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 # The formats the service accepts. Pillow's JPEG opener also reads the MPO files many phone
 # cameras write (a JPEG with preview pictures appended); only the first picture is decoded.
@@ -36,6 +39,21 @@ WHITESPACE = re.compile(r"\s+")
 HIGH_DEPTH_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
 # Transparent pixels are shown on white, as the transformers image processors do.
 BACKGROUND = (255, 255, 255, 255)
+# A reduced image keeps at least this many times the model's input size on its shortest side, so the
+# model's own bicubic resize, not the cheap reduction, decides the pixels the model sees.
+DETAIL_MARGIN = 2
+# Pixels converted to RGB at once while reducing: a few MB, whatever the size of the image.
+BAND_PIXELS = 1 << 20
+# The turn that shows an image upright, for each EXIF orientation value (as in ImageOps.exif_transpose).
+UPRIGHT_TURNS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 class ImageInputError(ValueError):
@@ -92,20 +110,33 @@ def check_byte_size(data: bytes, max_bytes: int) -> bytes:
     return data
 
 
-def open_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode image bytes into an upright RGB image, refusing anything unsafe before it is decoded."""
+def open_image(data: bytes, max_pixels: int, input_size: int | None = None) -> Image.Image:
+    """Decode image bytes into an upright RGB image, refusing anything unsafe before it is decoded.
+
+    With the model's input size (the side of the square its image processor makes), a larger image is
+    decoded or reduced to a shortest side of at least DETAIL_MARGIN times that; a smaller one stays as it is.
+    """
     if not data:
         raise ImageInputError("is empty (0 bytes): send the bytes of an image file")
     image = _open_header(data, max_pixels)
+    if input_size:
+        # JPEG decodes at the largest of 1/2, 1/4 or 1/8 scale that keeps this size; other formats ignore it.
+        # The shortest side does not depend on the orientation, so the turn upright can come after.
+        kept = DETAIL_MARGIN * input_size
+        image.draft(None, (kept, kept))
     try:
         image.load()
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise ImageInputError(f"is a damaged or truncated {image.format} file that cannot be decoded "
                               f"({error})") from None
+    # Read from the decoded file: a reduced copy carries no TIFF tags (and TIFF turns itself on load).
+    turn = upright_turn(image)
+    factor = min(image.size) // (DETAIL_MARGIN * input_size) if input_size else 1
     try:
-        return to_rgb(upright(image))
+        rgb = reduced_rgb(image, factor)
     except (OSError, ValueError) as error:
         raise ImageInputError(f"has pixel mode {image.mode} that cannot be converted to RGB ({error})") from None
+    return rgb if turn is None else rgb.transpose(turn)
 
 
 def _open_header(data: bytes, max_pixels: int) -> Image.Image:
@@ -138,13 +169,30 @@ def _too_many_pixels(size: tuple[int, int], max_pixels: int) -> ImageTooLargeErr
                               f"pixels (MAX_IMAGE_PIXELS)")
 
 
-def upright(image: Image.Image) -> Image.Image:
-    """The image turned the way its EXIF orientation tag says it is meant to be seen."""
+def upright_turn(image: Image.Image) -> Image.Transpose | None:
+    """The turn its EXIF (or XMP) orientation tag says shows the image as it is meant to be seen."""
     try:
-        return ImageOps.exif_transpose(image)
+        return UPRIGHT_TURNS.get(image.getexif().get(ExifTags.Base.Orientation))
     except (OSError, SyntaxError, ValueError, TypeError, KeyError):
         # A broken EXIF block must not cost the user the image: use it as stored.
-        return image
+        return None
+
+
+def reduced_rgb(image: Image.Image, factor: int) -> Image.Image:
+    """to_rgb(image) reduced `factor` times (box average), converted a band of rows at a time.
+
+    Each band's rows are a multiple of factor, so the result equals converting the whole image and then
+    reducing it, without ever holding a full-size converted copy.
+    """
+    if factor < 2:
+        return to_rgb(image)
+    width, height = image.size
+    band_rows = factor * max(1, BAND_PIXELS // (width * factor))
+    reduced = Image.new("RGB", (-(-width // factor), -(-height // factor)))
+    for top in range(0, height, band_rows):
+        band = image.crop((0, top, width, min(top + band_rows, height)))
+        reduced.paste(to_rgb(band).reduce(factor), (0, top // factor))
+    return reduced
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -200,6 +248,11 @@ class ImagePreprocessing:
             / np.asarray(self.std, dtype=np.float32)
         return np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32)
 
+    @property
+    def input_size(self) -> int:
+        """The side of the square made of every image; large images are decoded at reduced size for it."""
+        return max(self.shortest_edge, self.crop_height, self.crop_width)
+
     def _resized_size(self, size: tuple[int, int]) -> tuple[int, int]:
         """(width, height) with the shortest edge at shortest_edge, the other edge truncated as transformers does."""
         width, height = size
@@ -238,14 +291,14 @@ class ImageEmbedder:
         return self.preprocessing.pixel_values(image)
 
     def prepare_encoded(self, encoded_images: Sequence[bytes]) -> list[np.ndarray]:
-        """Decode and prepare each image in turn, so only one full-size image is held at a time.
+        """Decode and prepare each image in turn, so only one decoded image is held at a time.
 
         An image that cannot be used raises its error with `index` set to its position.
         """
         prepared = []
         for index, data in enumerate(encoded_images):
             try:
-                prepared.append(self.prepare(open_image(data, self.max_pixels)))
+                prepared.append(self.prepare(open_image(data, self.max_pixels, self.preprocessing.input_size)))
             except ImageInputError as error:
                 error.index = index
                 raise

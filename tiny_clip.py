@@ -16,8 +16,11 @@ TINY_IMAGE_SIZE = 32
 TINY_DIMENSION = 16
 
 
-def write_tiny_clip(folder: Path) -> Path:
-    """A random-weight CLIP in the on-disk layout of sentence-transformers/clip-ViT-B-32."""
+def write_tiny_clip(folder: Path, image_size: int = TINY_IMAGE_SIZE) -> Path:
+    """A random-weight CLIP in the on-disk layout of sentence-transformers/clip-ViT-B-32.
+
+    image_size is the side of the square its image processor makes (clip-ViT-B-32's is 224).
+    """
     module = folder / "0_CLIPModel"
     module.mkdir(parents=True)
     # Byte-level BPE: every byte symbol alone and at the end of a word, a few merges, then
@@ -29,8 +32,8 @@ def write_tiny_clip(folder: Path) -> Path:
     (module / "vocab.json").write_text(json.dumps({token: index for index, token in enumerate(tokens)}))
     (module / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     CLIPTokenizer.from_pretrained(str(module), model_max_length=77).save_pretrained(str(module))
-    CLIPImageProcessor(size={"shortest_edge": TINY_IMAGE_SIZE},
-                       crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}).save_pretrained(str(module))
+    CLIPImageProcessor(size={"shortest_edge": image_size},
+                       crop_size={"height": image_size, "width": image_size}).save_pretrained(str(module))
     config = CLIPConfig(
         # eos_token_id=2 is what the real clip-ViT-B-32 config says (the text tower then pools at the
         # highest token id, the end token); pad id 1 and bos id 0 are its values too.
@@ -38,7 +41,7 @@ def write_tiny_clip(folder: Path) -> Path:
                          num_attention_heads=2, max_position_embeddings=77,
                          bos_token_id=0, pad_token_id=1, eos_token_id=2),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=TINY_IMAGE_SIZE, patch_size=8),
+                           image_size=image_size, patch_size=8),
         projection_dim=TINY_DIMENSION,
     )
     torch.manual_seed(1234)
