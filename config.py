@@ -49,11 +49,16 @@ class Settings:
     threads: int = 64
     torch_num_threads: int = field(default_factory=lambda: default_torch_threads(available_cpus()))
     # Dynamic batching: tokens gathered per batch (and padded tokens per forward pass),
-    # milliseconds to wait for company under concurrent traffic (0 turns batching off),
-    # and requests waiting at most before new ones get 429.
+    # milliseconds to wait for company under concurrent traffic (0 turns batching off).
     batch_max_tokens: int = 4096
     batch_wait_ms: int = 5
-    queue_max: int = 32
+    # Tokens of work waiting for the model before new requests get 429 (an image counts as
+    # service.IMAGE_WORK_TOKENS). MiniLM on one core runs about 2,400 tokens/s, so a full queue
+    # clears in about 14 s, well inside the request deadline; 64 short queries take about 1,000.
+    queue_max_tokens: int = 32768
+    # Seconds a request waits for the model before it gets 503. Cloud Run ends a request at
+    # 120 s (deploy/cloudrun/service.yaml); 60 s answers well before that, with a clear error.
+    request_timeout_seconds: float = 60
     # /metrics answers without the API key when true.
     metrics_public: bool = False
 
@@ -130,6 +135,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     workers = _positive_int(environ, "WORKERS", default_workers(cpus))
     if port > 65535:
         raise SettingsError(f"PORT must be at most 65535, got {port}")
+    if environ.get("QUEUE_MAX", "").strip():
+        logger.warning("QUEUE_MAX is no longer read: the model's queue is bounded by the work it holds, "
+                       "QUEUE_MAX_TOKENS (see the README)")
     return Settings(
         api_keys=_api_keys(environ),
         port=port,
@@ -150,6 +158,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
                                         default_torch_threads(cpus, workers)),
         batch_max_tokens=_positive_int(environ, "BATCH_MAX_TOKENS", defaults.batch_max_tokens),
         batch_wait_ms=_whole_number(environ, "BATCH_WAIT_MS", defaults.batch_wait_ms, minimum=0),
-        queue_max=_positive_int(environ, "QUEUE_MAX", defaults.queue_max),
+        queue_max_tokens=_positive_int(environ, "QUEUE_MAX_TOKENS", defaults.queue_max_tokens),
+        request_timeout_seconds=_positive_int(environ, "REQUEST_TIMEOUT_SECONDS", defaults.request_timeout_seconds),
         metrics_public=_flag(environ, "METRICS_PUBLIC"),
     )

@@ -10,7 +10,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 import requests
@@ -53,9 +53,10 @@ def test_settings() -> Settings:
 
 
 @contextmanager
-def running_service(settings: Settings) -> Iterator[EmbeddingService]:
+def running_service(settings: Settings, load_embedder: Callable[[Settings], Any] | None = None
+                    ) -> Iterator[EmbeddingService]:
     """A service with its model loaded; stopped afterwards."""
-    service = EmbeddingService(settings)
+    service = EmbeddingService(settings, load_embedder=load_embedder)
     service.start_loading()
     assert service.wait_until_loaded(MODEL_LOAD_TIMEOUT), service.readiness()
     try:
@@ -63,6 +64,28 @@ def running_service(settings: Settings) -> Iterator[EmbeddingService]:
     finally:
         # Drain the model thread: torch aborts the interpreter if it exits mid forward pass.
         service.stop()
+
+
+class EmbedderAround:
+    """A loaded text embedder whose model calls (encode_chunks) go through `encode_chunks` instead.
+
+    Everything else, the warm-up at loading included, is the real embedder's: a way to inject a
+    fault (a model call that fails, hangs or is slow) around the real model without loading it again.
+    """
+
+    def __init__(self, real, encode_chunks: Callable) -> None:
+        self._real = real
+        self.encode_chunks = encode_chunks
+
+    def __getattr__(self, name: str):
+        return getattr(self._real, name)
+
+
+@contextmanager
+def service_around_model(settings: Settings, text_embedder, encode_chunks: Callable) -> Iterator[EmbeddingService]:
+    """A running service on the already loaded model, its model calls going through encode_chunks."""
+    with running_service(settings, lambda _: EmbedderAround(text_embedder, encode_chunks)) as service:
+        yield service
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from config import Settings, load_settings
 import observability
 import worker_registry
-from batcher import BatchStats, QueueFullError
+from batcher import BatchStats, ModelUnavailableError, QueueFullError, RequestTimeoutError
 from image_embeddings import ImageInputError, ImageTooLargeError, check_byte_size, decode_base64_image
 from observability import Metrics, count_work
 from service import EmbeddingService, ImagesNotSupportedError, ModelNotReadyError
@@ -31,9 +31,9 @@ logger = logging.getLogger(__name__)
 health = Blueprint("health", __name__)
 api = Blueprint("api", __name__)
 
-# Seconds a client should wait before retrying while the model loads, or when the queue is full.
+# Seconds a client should wait before retrying while the model loads (or another instance
+# replaces one whose model thread has failed).
 LOADING_RETRY_AFTER = 5
-QUEUE_FULL_RETRY_AFTER = 1
 
 # Routes under this prefix speak the OpenAI API, errors included.
 OPENAI_PREFIX = "/v1"
@@ -204,7 +204,9 @@ def is_multipart() -> bool:
 
 @health.get("/health")
 def liveness():
-    return jsonify(status="ok")
+    # 503 only when the model thread has ended or is stuck: a restart is what helps then.
+    alive, body = embedding_service().liveness()
+    return jsonify(body), 200 if alive else 503
 
 
 @health.get("/health/ready")
@@ -305,8 +307,20 @@ def handle_not_ready(error: ModelNotReadyError):
 
 
 def handle_queue_full(error: QueueFullError):
-    return error_response(429, f"The service is busy ({error}); retry in a moment",
-                          {"Retry-After": str(QUEUE_FULL_RETRY_AFTER)}, code="server_busy")
+    return error_response(429, f"The service is busy ({error}); retry in {error.retry_after} s",
+                          {"Retry-After": str(error.retry_after)}, code="server_busy")
+
+
+def handle_request_timeout(error: RequestTimeoutError):
+    return error_response(503, f"The model did not answer within {error.timeout:g} s (REQUEST_TIMEOUT_SECONDS): "
+                               f"the service is behind; retry in {error.retry_after} s",
+                          {"Retry-After": str(error.retry_after)}, code="timeout")
+
+
+def handle_model_unavailable(error: ModelUnavailableError):
+    return error_response(503, f"The model cannot serve requests now: {error}. GET /health answers 503 until "
+                               f"the service is restarted", {"Retry-After": str(LOADING_RETRY_AFTER)},
+                          code="model_unavailable")
 
 
 def handle_images_not_supported(error: ImagesNotSupportedError):
@@ -386,6 +400,8 @@ def create_app(app_settings: Settings | None = None, service: EmbeddingService |
     app.register_error_handler(ApiError, handle_api_error)
     app.register_error_handler(ModelNotReadyError, handle_not_ready)
     app.register_error_handler(QueueFullError, handle_queue_full)
+    app.register_error_handler(RequestTimeoutError, handle_request_timeout)
+    app.register_error_handler(ModelUnavailableError, handle_model_unavailable)
     app.register_error_handler(ImagesNotSupportedError, handle_images_not_supported)
     app.register_error_handler(RequestEntityTooLarge, handle_too_large)
     app.register_error_handler(HTTPException, handle_http_error)
