@@ -37,6 +37,11 @@ class Settings:
     max_text_length: int = 20_000
     # Bytes in one request body; Flask rejects larger bodies before reading them.
     max_request_size: int = 32 * 1024 * 1024
+    # Bytes of request bodies one worker handles at once (read, decoded, waiting for the model);
+    # past it a request gets 429 before its body is read. Parsing and decoding hold about three
+    # times a body's size, so 32 MiB (one largest body) costs about 100 MB at most: room enough
+    # beside the model in a 512 MiB container. At least MAX_REQUEST_SIZE.
+    max_request_bytes_in_flight: int = 32 * 1024 * 1024
     embedding_model: str = DEFAULT_EMBEDDING_MODEL
     tokenizer_model: str | None = None
     models_dir: str = "/models"
@@ -135,6 +140,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     workers = _positive_int(environ, "WORKERS", default_workers(cpus))
     if port > 65535:
         raise SettingsError(f"PORT must be at most 65535, got {port}")
+    max_request_size = _positive_int(environ, "MAX_REQUEST_SIZE", defaults.max_request_size)
+    bytes_in_flight = _positive_int(environ, "MAX_REQUEST_BYTES_IN_FLIGHT", defaults.max_request_bytes_in_flight)
+    if bytes_in_flight < max_request_size:
+        raise SettingsError(f"MAX_REQUEST_BYTES_IN_FLIGHT must be at least MAX_REQUEST_SIZE ({max_request_size}), "
+                            f"got {bytes_in_flight}: a body of the largest allowed size could never be read")
     if environ.get("QUEUE_MAX", "").strip():
         logger.warning("QUEUE_MAX is no longer read: the model's queue is bounded by the work it holds, "
                        "QUEUE_MAX_TOKENS (see the README)")
@@ -147,7 +157,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         max_image_size=_positive_int(environ, "MAX_IMAGE_SIZE", defaults.max_image_size),
         max_image_pixels=_positive_int(environ, "MAX_IMAGE_PIXELS", defaults.max_image_pixels),
         max_text_length=_positive_int(environ, "MAX_TEXT_LENGTH", defaults.max_text_length),
-        max_request_size=_positive_int(environ, "MAX_REQUEST_SIZE", defaults.max_request_size),
+        max_request_size=max_request_size,
+        max_request_bytes_in_flight=bytes_in_flight,
         embedding_model=environ.get("EMBEDDING_MODEL", "").strip() or defaults.embedding_model,
         tokenizer_model=environ.get("TOKENIZER_MODEL", "").strip() or None,
         models_dir=environ.get("MODELS_DIR", "").strip() or defaults.models_dir,

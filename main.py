@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 import orjson
-from flask import Blueprint, Flask, current_app, jsonify, request
+from flask import Blueprint, Flask, current_app, g, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
@@ -22,6 +22,7 @@ from config import Settings, load_settings
 import observability
 import worker_registry
 from batcher import BatchStats, ModelUnavailableError, QueueFullError, RequestTimeoutError
+from budget import Budget
 from image_embeddings import ImageInputError, ImageTooLargeError, check_byte_size, decode_base64_image
 from observability import Metrics, count_work
 from service import EmbeddingService, ImagesNotSupportedError, ModelNotReadyError
@@ -32,8 +33,9 @@ health = Blueprint("health", __name__)
 api = Blueprint("api", __name__)
 
 # Seconds a client should wait before retrying while the model loads (or another instance
-# replaces one whose model thread has failed).
+# replaces one whose model thread has failed), or when this worker is reading too many bodies.
 LOADING_RETRY_AFTER = 5
+BODIES_IN_FLIGHT_RETRY_AFTER = 1
 
 # Routes under this prefix speak the OpenAI API, errors included.
 OPENAI_PREFIX = "/v1"
@@ -198,6 +200,36 @@ def image_errors(where: str, in_batch: bool = False) -> Iterator[None]:
 
 def is_multipart() -> bool:
     return request.mimetype == "multipart/form-data"
+
+
+# --- admission --------------------------------------------------------------
+
+def admit_request_body() -> None:
+    """Refuse a request at once, its body unread, when this worker already handles
+    MAX_REQUEST_BYTES_IN_FLIGHT bytes of bodies; the bytes are held until the request ends."""
+    size = declared_body_size()
+    if size == 0 or size > settings().max_request_size:
+        return  # nothing to hold, or Flask refuses it with 413 before reading it
+    bodies = current_app.extensions["bodies_in_flight"]
+    if not bodies.try_take(size):
+        raise ApiError(429, f"The service is busy: this worker is already handling {bodies.taken} bytes of "
+                            f"request bodies (MAX_REQUEST_BYTES_IN_FLIGHT is {bodies.limit}); retry in a moment",
+                       {"Retry-After": str(BODIES_IN_FLIGHT_RETRY_AFTER)}, code="server_busy")
+    g.body_bytes = size
+
+
+def declared_body_size() -> int:
+    """The body's Content-Length; a chunked body, of unknown length, may be as large as allowed."""
+    if request.content_length is not None:
+        return request.content_length
+    chunked = "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+    return settings().max_request_size if chunked else 0
+
+
+def release_request_body(_error: BaseException | None) -> None:
+    size = g.pop("body_bytes", 0)
+    if size:
+        current_app.extensions["bodies_in_flight"].give_back(size)
 
 
 # --- routes ---------------------------------------------------------------
@@ -389,6 +421,9 @@ def create_app(app_settings: Settings | None = None, service: EmbeddingService |
     app_metrics = Metrics()
     app.extensions["metrics"] = app_metrics
     observability.install(app, app_metrics)
+    app.extensions["bodies_in_flight"] = Budget(app_settings.max_request_bytes_in_flight)
+    app.before_request(admit_request_body)
+    app.teardown_request(release_request_body)
     service.observe_batches(lambda stats: record_batch(app_metrics, stats))
     # Imported here because both modules build on this one's helpers.
     from api_docs import docs

@@ -6,8 +6,10 @@ and assert no wall-clock bound. PATIENCE only turns a hang of broken code into a
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -502,6 +504,42 @@ def test_a_dead_model_thread_makes_health_and_readiness_503_and_requests_fail_at
     assert "model thread ended on ModelThreadKilled" in caplog.text
 
 
+def send_headers_only(live, path: str, content_length: int) -> str:
+    """A POST that declares a body and sends none; the answer, which only comes if the body is not awaited."""
+    host, port = live.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=PATIENCE) as connection:
+        connection.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nX-API-Key: {TEST_API_KEY}\r\n"
+                           f"Content-Type: application/json\r\nContent-Length: {content_length}\r\n\r\n".encode())
+        received = b""
+        while b"MAX_REQUEST_BYTES_IN_FLIGHT" not in received:
+            chunk = connection.recv(4096)
+            if not chunk:
+                break
+            received += chunk
+    return received.decode(errors="replace")
+
+
+def test_bodies_beyond_the_bytes_in_flight_get_429_before_they_are_read(test_settings, text_embedder):
+    limit = 64 * 1024
+    settings = replace(test_settings, max_request_size=limit, max_request_bytes_in_flight=limit)
+    body = json.dumps({"text": "held while the model is busy"}).ljust(40_000)  # JSON allows trailing space
+    encoder = GatedEncoder(text_embedder)
+    with (service_around_model(settings, text_embedder, encoder) as service, serving(settings, service) as live,
+          ThreadPoolExecutor(1) as pool):
+        try:
+            held = pool.submit(requests.post, live.url + "/embeddings", data=body, headers=AUTH, timeout=120)
+            assert encoder.entered.wait(PATIENCE)  # its 40,000 bytes are in flight
+            answer = send_headers_only(live, "/v1/embeddings", content_length=len(body))
+            assert answer.startswith("HTTP/1.1 429") and "Retry-After: 1\r\n" in answer, answer
+            assert "MAX_REQUEST_BYTES_IN_FLIGHT" in answer
+        finally:
+            encoder.gate.set()
+        assert held.result().status_code == 200
+        again = requests.post(live.url + "/embeddings", data=body, headers=AUTH, timeout=120)
+    assert again.status_code == 200  # the held request gave its bytes back when it ended
+    assert_vector_of(text_embedder, "held while the model is busy", again.json()["embeddings"][0])
+
+
 def test_a_client_that_disconnects_does_not_break_the_batch(server, text_embedder):
     def impatient():
         try:
@@ -521,17 +559,23 @@ def test_a_client_that_disconnects_does_not_break_the_batch(server, text_embedde
 
 # --- settings ---------------------------------------------------------------------
 
-def test_queue_and_deadline_settings_have_their_documented_defaults():
+def test_queue_deadline_and_body_settings_have_their_documented_defaults():
     settings = load_settings({})
     assert settings.queue_max_tokens == 32768 and settings.request_timeout_seconds == 60
+    assert settings.max_request_bytes_in_flight == settings.max_request_size == 32 * 1024 * 1024
 
 
 @pytest.mark.parametrize("name, value", [
-    ("QUEUE_MAX_TOKENS", "0"), ("REQUEST_TIMEOUT_SECONDS", "soon"),
+    ("QUEUE_MAX_TOKENS", "0"), ("REQUEST_TIMEOUT_SECONDS", "soon"), ("MAX_REQUEST_BYTES_IN_FLIGHT", "-1"),
 ])
-def test_bad_queue_and_deadline_settings_name_the_variable(name, value):
+def test_bad_queue_deadline_and_body_settings_name_the_variable(name, value):
     with pytest.raises(SettingsError, match=name):
         load_settings({name: value})
+
+
+def test_bytes_in_flight_below_the_largest_body_stops_start_up():
+    with pytest.raises(SettingsError, match="MAX_REQUEST_BYTES_IN_FLIGHT must be at least MAX_REQUEST_SIZE"):
+        load_settings({"MAX_REQUEST_SIZE": "2000", "MAX_REQUEST_BYTES_IN_FLIGHT": "1000"})
 
 
 def test_the_retired_queue_max_is_named_in_a_warning(caplog):
