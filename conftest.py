@@ -166,8 +166,8 @@ class GunicornServer:
             try:
                 if requests.get(self.url + "/health/ready", timeout=2).status_code == 200:
                     return
-            except requests.ConnectionError:
-                pass
+            except (requests.ConnectionError, requests.Timeout):
+                pass  # not listening yet, or too busy loading to answer in time
             time.sleep(0.1)
         raise AssertionError(f"not ready within {timeout} s:\n{self.output()}")
 
