@@ -299,19 +299,18 @@ class Batcher:
             results = self._results(jobs)
         except Exception as error:  # the jobs' threads re-raise it; the model thread lives on
             logger.exception("A batch of %d requests failed", len(jobs))
-            results = None
             for job in jobs:
                 job.error = error
                 job.done.set()
-        self._running = []
-        if results is None:
-            return
-        with self._condition:
-            self._throughput.record(sum(job.tokens for job in jobs), time.monotonic() - started)
-        self._report(BatchStats(len(jobs), sum(len(job.windows) for job in jobs), self._still_queued))
-        for job, result in zip(jobs, results):
-            job.result = result
-            job.done.set()
+            results = None
+        if results is not None:
+            with self._condition:
+                self._throughput.record(sum(job.tokens for job in jobs), time.monotonic() - started)
+            self._report(BatchStats(len(jobs), sum(len(job.windows) for job in jobs), self._still_queued))
+            for job, result in zip(jobs, results):
+                job.result = result
+                job.done.set()
+        self._running = []  # only now: should the thread end before this, its guard fails these jobs
 
     def _results(self, jobs: list[Job]) -> list[Any] | None:
         """Each job's result, or None when every request of the batch stopped waiting before the end."""

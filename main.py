@@ -350,9 +350,9 @@ def handle_request_timeout(error: RequestTimeoutError):
 
 
 def handle_model_unavailable(error: ModelUnavailableError):
-    return error_response(503, f"The model cannot serve requests now: {error}. GET /health answers 503 until "
-                               f"the service is restarted", {"Retry-After": str(LOADING_RETRY_AFTER)},
-                          code="model_unavailable")
+    return error_response(503, f"The model cannot serve requests now ({error}); retry in {LOADING_RETRY_AFTER} s, "
+                               f"when this instance has been restarted or another one answers",
+                          {"Retry-After": str(LOADING_RETRY_AFTER)}, code="model_unavailable")
 
 
 def handle_images_not_supported(error: ImagesNotSupportedError):

@@ -276,6 +276,17 @@ def test_a_raising_batch_observer_is_logged_and_every_job_gets_its_vectors(text_
     assert "batch observer failed" in caplog.text and "metrics backend down" in caplog.text
 
 
+def test_an_observer_that_ends_the_model_thread_fails_its_batch_with_the_reason(text_embedder):
+    def killing_observer(stats):
+        raise ModelThreadKilled("observer")
+
+    batcher = new_batcher(text_embedder.encode_chunks, text_embedder, killing_observer)
+    with running(batcher):
+        with pytest.raises(ModelUnavailableError, match="ModelThreadKilled: observer"):
+            batcher.encode(windows_of(text_embedder, "its batch is done, the answer never handed out"))
+        assert "ModelThreadKilled: observer" in batcher.fault()
+
+
 def test_past_its_deadline_a_request_fails_clearly_and_its_queued_job_is_never_encoded(text_embedder):
     encoder = GatedEncoder(text_embedder)
     batcher = new_batcher(encoder, text_embedder, request_timeout=0.2)
