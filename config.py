@@ -38,9 +38,10 @@ class Settings:
     # Bytes in one request body; Flask rejects larger bodies before reading them.
     max_request_size: int = 32 * 1024 * 1024
     # Bytes of request bodies one worker handles at once (read, decoded, waiting for the model);
-    # past it a request gets 429 before its body is read. Parsing and decoding hold about three
-    # times a body's size, so 32 MiB (one largest body) costs about 100 MB at most: room enough
-    # beside the model in a 512 MiB container. At least MAX_REQUEST_SIZE.
+    # past it a request gets 429 before its body is read. Reading, parsing and base64-decoding
+    # hold about three times a body's size (measured: 89 MiB for a 30 MiB body of three images),
+    # so 32 MiB (one largest body) costs about 100 MB at most: room beside a small model in a
+    # 512 MiB container. At least MAX_REQUEST_SIZE.
     max_request_bytes_in_flight: int = 32 * 1024 * 1024
     embedding_model: str = DEFAULT_EMBEDDING_MODEL
     tokenizer_model: str | None = None
