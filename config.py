@@ -42,6 +42,12 @@ class Settings:
     max_text_length: int = 20_000
     # Bytes in one request body; Flask rejects larger bodies before reading them.
     max_request_size: int = 32 * 1024 * 1024
+    # Bytes of request bodies one worker handles at once (read, decoded, waiting for the model);
+    # past it a request gets 429 before its body is read. Reading, parsing and base64-decoding
+    # hold about three times a body's size (measured: 89 MiB for a 30 MiB body of three images),
+    # so 32 MiB (one largest body) costs about 100 MB at most: room beside a small model in a
+    # 512 MiB container. At least MAX_REQUEST_SIZE.
+    max_request_bytes_in_flight: int = 32 * 1024 * 1024
     embedding_model: str = DEFAULT_EMBEDDING_MODEL
     tokenizer_model: str | None = None
     models_dir: str = "/models"
@@ -56,11 +62,16 @@ class Settings:
     threads: int = 64
     engine_threads: int = field(default_factory=lambda: default_engine_threads(available_cpus()))
     # Dynamic batching: tokens gathered per batch (and padded tokens per forward pass),
-    # milliseconds to wait for company under concurrent traffic (0 turns batching off),
-    # and requests waiting at most before new ones get 429.
+    # milliseconds to wait for company under concurrent traffic (0 turns batching off).
     batch_max_tokens: int = 4096
     batch_wait_ms: int = 5
-    queue_max: int = 32
+    # Tokens of work waiting for the model before new requests get 429 (an image counts as
+    # service.IMAGE_WORK_TOKENS). MiniLM on one core runs about 2,400 tokens/s, so a full queue
+    # clears in about 14 s, well inside the request deadline; 64 short queries take about 1,000.
+    queue_max_tokens: int = 32768
+    # Seconds a request waits for the model before it gets 503. Cloud Run ends a request at
+    # 120 s (deploy/cloudrun/service.yaml); 60 s answers well before that, with a clear error.
+    request_timeout_seconds: float = 60
     # /metrics answers without the API key when true.
     metrics_public: bool = False
 
@@ -153,6 +164,14 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     workers = _positive_int(environ, "WORKERS", default_workers(cpus, engine))
     if port > 65535:
         raise SettingsError(f"PORT must be at most 65535, got {port}")
+    max_request_size = _positive_int(environ, "MAX_REQUEST_SIZE", defaults.max_request_size)
+    bytes_in_flight = _positive_int(environ, "MAX_REQUEST_BYTES_IN_FLIGHT", defaults.max_request_bytes_in_flight)
+    if bytes_in_flight < max_request_size:
+        raise SettingsError(f"MAX_REQUEST_BYTES_IN_FLIGHT must be at least MAX_REQUEST_SIZE ({max_request_size}), "
+                            f"got {bytes_in_flight}: a body of the largest allowed size could never be read")
+    if environ.get("QUEUE_MAX", "").strip():
+        logger.warning("QUEUE_MAX is no longer read: the model's queue is bounded by the work it holds, "
+                       "QUEUE_MAX_TOKENS (see the README)")
     return Settings(
         api_keys=_api_keys(environ),
         port=port,
@@ -162,7 +181,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         max_image_size=_positive_int(environ, "MAX_IMAGE_SIZE", defaults.max_image_size),
         max_image_pixels=_positive_int(environ, "MAX_IMAGE_PIXELS", defaults.max_image_pixels),
         max_text_length=_positive_int(environ, "MAX_TEXT_LENGTH", defaults.max_text_length),
-        max_request_size=_positive_int(environ, "MAX_REQUEST_SIZE", defaults.max_request_size),
+        max_request_size=max_request_size,
+        max_request_bytes_in_flight=bytes_in_flight,
         embedding_model=environ.get("EMBEDDING_MODEL", "").strip() or defaults.embedding_model,
         tokenizer_model=environ.get("TOKENIZER_MODEL", "").strip() or None,
         models_dir=environ.get("MODELS_DIR", "").strip() or defaults.models_dir,
@@ -174,6 +194,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         engine_threads=_engine_threads(environ, cpus, workers, engine),
         batch_max_tokens=_positive_int(environ, "BATCH_MAX_TOKENS", defaults.batch_max_tokens),
         batch_wait_ms=_whole_number(environ, "BATCH_WAIT_MS", defaults.batch_wait_ms, minimum=0),
-        queue_max=_positive_int(environ, "QUEUE_MAX", defaults.queue_max),
+        queue_max_tokens=_positive_int(environ, "QUEUE_MAX_TOKENS", defaults.queue_max_tokens),
+        request_timeout_seconds=_positive_int(environ, "REQUEST_TIMEOUT_SECONDS", defaults.request_timeout_seconds),
         metrics_public=_flag(environ, "METRICS_PUBLIC"),
     )

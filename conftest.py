@@ -31,6 +31,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from benchmark_embeddings import free_port  # noqa: E402
 from config import Settings  # noqa: E402
 from main import create_app  # noqa: E402
+from model_loading import LoadedModels, load_models  # noqa: E402
 from self_check import TEXT_MIN_COSINE, cosine_rows  # noqa: E402
 from service import EmbeddingService  # noqa: E402
 
@@ -97,9 +98,10 @@ def reference_model():
 
 
 @contextmanager
-def running_service(settings: Settings) -> Iterator[EmbeddingService]:
+def running_service(settings: Settings, load: Callable[[Settings], LoadedModels] = load_models
+                    ) -> Iterator[EmbeddingService]:
     """A service with its model loaded; stopped afterwards."""
-    service = EmbeddingService(settings)
+    service = EmbeddingService(settings, load)
     service.start_loading()
     assert service.wait_until_loaded(MODEL_LOAD_TIMEOUT), service.readiness()
     try:
@@ -107,6 +109,32 @@ def running_service(settings: Settings) -> Iterator[EmbeddingService]:
     finally:
         # Drain the model thread: torch aborts the interpreter if it exits mid forward pass.
         service.stop()
+
+
+class EmbedderAround:
+    """A loaded text embedder whose model calls (encode_chunks) go through `encode_chunks` instead.
+
+    Everything else, the warm-up at loading included, is the real embedder's: a way to inject a
+    fault (a model call that fails, hangs or is slow) around the real model without loading it again.
+    """
+
+    def __init__(self, real, encode_chunks: Callable) -> None:
+        self._real = real
+        self.encode_chunks = encode_chunks
+
+    def __getattr__(self, name: str):
+        return getattr(self._real, name)
+
+
+@contextmanager
+def service_around_model(settings: Settings, text_embedder, encode_chunks: Callable) -> Iterator[EmbeddingService]:
+    """A running service on the already loaded model, its model calls going through encode_chunks."""
+    def load(_: Settings) -> LoadedModels:
+        engine = text_embedder.encoder
+        return LoadedModels(EmbedderAround(text_embedder, encode_chunks), None, engine.name, engine.precision)
+
+    with running_service(settings, load) as service:
+        yield service
 
 
 @pytest.fixture(scope="session")

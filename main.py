@@ -14,14 +14,15 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 import orjson
-from flask import Blueprint, Flask, current_app, jsonify, request
+from flask import Blueprint, Flask, current_app, g, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from config import Settings, load_settings
 import observability
 import worker_registry
-from batcher import BatchStats, QueueFullError
+from batcher import BatchStats, ModelUnavailableError, QueueFullError, RequestTimeoutError
+from budget import Budget
 from image_embeddings import ImageInputError, ImageTooLargeError, check_byte_size, decode_base64_image
 from model_locator import served_model_id, without_local_paths
 from observability import Metrics, count_work
@@ -32,9 +33,10 @@ logger = logging.getLogger(__name__)
 health = Blueprint("health", __name__)
 api = Blueprint("api", __name__)
 
-# Seconds a client should wait before retrying while the model loads, or when the queue is full.
+# Seconds a client should wait before retrying while the model loads (or another instance
+# replaces one whose model thread has failed), or when this worker is reading too many bodies.
 LOADING_RETRY_AFTER = 5
-QUEUE_FULL_RETRY_AFTER = 1
+BODIES_IN_FLIGHT_RETRY_AFTER = 1
 
 # Routes under this prefix speak the OpenAI API, errors included.
 OPENAI_PREFIX = "/v1"
@@ -201,11 +203,43 @@ def is_multipart() -> bool:
     return request.mimetype == "multipart/form-data"
 
 
+# --- admission --------------------------------------------------------------
+
+def admit_request_body() -> None:
+    """Refuse a request at once, its body unread, when this worker already handles
+    MAX_REQUEST_BYTES_IN_FLIGHT bytes of bodies; the bytes are held until the request ends."""
+    size = declared_body_size()
+    if size == 0 or size > settings().max_request_size:
+        return  # nothing to hold, or Flask refuses it with 413 before reading it
+    bodies = current_app.extensions["bodies_in_flight"]
+    if not bodies.try_take(size):
+        raise ApiError(429, f"The service is busy: this worker is already handling {bodies.taken} bytes of "
+                            f"request bodies (MAX_REQUEST_BYTES_IN_FLIGHT is {bodies.limit}); retry in a moment",
+                       {"Retry-After": str(BODIES_IN_FLIGHT_RETRY_AFTER)}, code="server_busy")
+    g.body_bytes = size
+
+
+def declared_body_size() -> int:
+    """The body's Content-Length; a chunked body, of unknown length, may be as large as allowed."""
+    if request.content_length is not None:
+        return request.content_length
+    chunked = "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+    return settings().max_request_size if chunked else 0
+
+
+def release_request_body(_error: BaseException | None) -> None:
+    size = g.pop("body_bytes", 0)
+    if size:
+        current_app.extensions["bodies_in_flight"].give_back(size)
+
+
 # --- routes ---------------------------------------------------------------
 
 @health.get("/health")
 def liveness():
-    return jsonify(status="ok")
+    # 503 only when the model thread has ended or is stuck: a restart is what helps then.
+    alive, body = embedding_service().liveness()
+    return jsonify(body), 200 if alive else 503
 
 
 @health.get("/health/ready")
@@ -315,8 +349,20 @@ def handle_not_ready(error: ModelNotReadyError):
 
 
 def handle_queue_full(error: QueueFullError):
-    return error_response(429, f"The service is busy ({error}); retry in a moment",
-                          {"Retry-After": str(QUEUE_FULL_RETRY_AFTER)}, code="server_busy")
+    return error_response(429, f"The service is busy ({error}); retry in {error.retry_after} s",
+                          {"Retry-After": str(error.retry_after)}, code="server_busy")
+
+
+def handle_request_timeout(error: RequestTimeoutError):
+    return error_response(503, f"The model did not answer within {error.timeout:g} s (REQUEST_TIMEOUT_SECONDS): "
+                               f"the service is behind; retry in {error.retry_after} s",
+                          {"Retry-After": str(error.retry_after)}, code="timeout")
+
+
+def handle_model_unavailable(error: ModelUnavailableError):
+    return error_response(503, f"The model cannot serve requests now ({error}); retry in {LOADING_RETRY_AFTER} s, "
+                               f"when this instance has been restarted or another one answers",
+                          {"Retry-After": str(LOADING_RETRY_AFTER)}, code="model_unavailable")
 
 
 def handle_images_not_supported(error: ImagesNotSupportedError):
@@ -385,6 +431,9 @@ def create_app(app_settings: Settings | None = None, service: EmbeddingService |
     app_metrics = Metrics()
     app.extensions["metrics"] = app_metrics
     observability.install(app, app_metrics)
+    app.extensions["bodies_in_flight"] = Budget(app_settings.max_request_bytes_in_flight)
+    app.before_request(admit_request_body)
+    app.teardown_request(release_request_body)
     service.observe_batches(lambda stats: record_batch(app_metrics, stats))
     service.observe_load(app_metrics.record_load)
     # Imported here because both modules build on this one's helpers.
@@ -397,6 +446,8 @@ def create_app(app_settings: Settings | None = None, service: EmbeddingService |
     app.register_error_handler(ApiError, handle_api_error)
     app.register_error_handler(ModelNotReadyError, handle_not_ready)
     app.register_error_handler(QueueFullError, handle_queue_full)
+    app.register_error_handler(RequestTimeoutError, handle_request_timeout)
+    app.register_error_handler(ModelUnavailableError, handle_model_unavailable)
     app.register_error_handler(ImagesNotSupportedError, handle_images_not_supported)
     app.register_error_handler(RequestEntityTooLarge, handle_too_large)
     app.register_error_handler(HTTPException, handle_http_error)

@@ -62,7 +62,8 @@ class Metrics:
                                        buckets=(1, 4, 8, 16, 32, 64, 128, 256), registry=registry)
         self.queue_depth = Gauge("embedder_queue_depth", "Requests waiting for the model",
                                  multiprocess_mode="livesum", registry=registry)
-        self.rejected = Counter("embedder_rejected_total", "Requests refused with 429 because the queue was full",
+        self.rejected = Counter("embedder_rejected_total",
+                                "Requests refused with 429: the model's queue or the bodies in flight were full",
                                 registry=registry)
         self.model_load_seconds = Gauge("embedder_model_load_seconds", "Seconds the model took to load and warm up",
                                         multiprocess_mode="max", registry=registry)

@@ -39,9 +39,11 @@ def errors(error_schema: str, *statuses: int) -> dict[str, Any]:
         401: "Missing or invalid API key.",
         404: "Unknown model (code model_not_found).",
         413: "The body, a text or an image is over its limit (MAX_REQUEST_SIZE, MAX_TEXT_LENGTH, MAX_IMAGE_SIZE).",
-        429: "Too many requests already wait for the model (QUEUE_MAX); retry after Retry-After seconds.",
+        429: "The service is behind: the model's queue holds QUEUE_MAX_TOKENS tokens of work, or the worker "
+             "handles MAX_REQUEST_BYTES_IN_FLIGHT bytes of bodies; retry after Retry-After seconds.",
         501: "The served model embeds text only.",
-        503: "The model is still loading (with Retry-After) or failed to load.",
+        503: "The model is still loading or failed to load, did not answer within REQUEST_TIMEOUT_SECONDS, "
+             "or its thread has ended (see GET /health).",
     }
     answers: dict[str, Any] = {}
     for status in statuses:
@@ -89,7 +91,11 @@ SCHEMAS: dict[str, Any] = {
         }},
     },
     "Liveness": {
-        "type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}},
+        "type": "object", "required": ["status"],
+        "properties": {
+            "status": {"type": "string", "enum": ["ok", "error"]},
+            "reason": {"type": "string", "description": "Why the model thread cannot serve (status error)."},
+        },
     },
     "Readiness": {
         "type": "object", "required": ["status"],
@@ -101,8 +107,9 @@ SCHEMAS: dict[str, Any] = {
                        "description": "The inference engine serving the model (status ready)."},
             "precision": {"type": "string", "description": "The precision the engine computes in: bf16 where "
                                                            "the CPU has it and the self-check passed, else f32."},
-            "reason": {"type": "string", "description": "Why loading failed (status error); absolute paths "
-                                                        "are shown as <path>, the log has them."},
+            "reason": {"type": "string", "description": "Why loading failed, or why the model thread cannot serve "
+                                                        "(status error); absolute paths are shown as <path>, the "
+                                                        "log has them."},
             "workers_ready": {"type": "integer", "description": "Workers with their model loaded (status loading, "
                                                                 "when some but not all are ready)."},
             "workers": {"type": "integer", "description": "Workers the server runs."},
@@ -214,12 +221,15 @@ TEXT_EXAMPLE = "A cat sleeps on the sofa."
 
 PATHS: dict[str, Any] = {
     "/health": {"get": operation(
-        "health", "liveness", "The process is up (no auth)", {"200": response("Alive.", ref("Liveness"))},
+        "health", "liveness", "The process is up and its model thread serves (no auth)",
+        {"200": response("Alive.", ref("Liveness")),
+         "503": response("The model thread has ended or is stuck: restart the service.", ref("Liveness"))},
         PUBLIC)},
     "/health/ready": {"get": operation(
         "health", "readiness", "The model is loaded and embeddings can be made (no auth)",
         {"200": response("Ready.", ref("Readiness")),
-         "503": response("Loading or failed to load.", ref("Readiness"))}, PUBLIC)},
+         "503": response("Loading, failed to load, or the model thread has ended or is stuck.",
+                         ref("Readiness"))}, PUBLIC)},
     "/embeddings": {"post": operation(
         "embeddings", "embed_text", "Embed one text",
         {"200": response("The text's vector.", ref("Embeddings")), **errors("Error", 400, 401, 413, 429, 503)},

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -16,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 import worker_registry
-from batcher import Batcher, BatchLimits, BatchStats, QueueFullError
+from batcher import Batcher, BatchLimits, BatchStats
 from config import Settings
 from embeddings import TextEmbedder, TokenizedText
 from image_embeddings import ImageEmbedder
@@ -27,6 +26,10 @@ logger = logging.getLogger(__name__)
 WARM_UP_TEXT = "warm-up"
 # Image requests decoding at once: each may hold one full-size decoded image in memory.
 IMAGE_DECODE_SLOTS = 2
+# The work one image counts for in the model's queue, in text tokens. A CLIP ViT-B/32 image
+# costs its model about as much as 35 tokens of its text tower, ViT-B/16 about 140 and
+# ViT-L/14 about 330 (arithmetic from the models' shapes, not measured); decoding comes on top.
+IMAGE_WORK_TOKENS = 256
 MULTIMODAL_MODELS = "clip-ViT-B-32, clip-ViT-B-16, clip-ViT-L-14 or a local CLIP folder"
 
 
@@ -71,11 +74,7 @@ class EmbeddingService:
         self._loader: threading.Thread | None = None
         self.load_seconds: float | None = None
         self.loaded_at: int | None = None  # Unix time the model became ready
-        # One forward pass at a time: concurrent passes only fight over the same cores.
-        self._model_lock = threading.Lock()
         self._image_slots = threading.BoundedSemaphore(IMAGE_DECODE_SLOTS)
-        self._image_requests = 0
-        self._image_requests_lock = threading.Lock()
 
     def start_loading(self) -> None:
         """Load the model in a background thread so the health route answers meanwhile."""
@@ -99,7 +98,8 @@ class EmbeddingService:
         self._batcher = Batcher(self._encode_windows, text.tokens_per_chunk, BatchLimits(
             max_tokens=self.settings.batch_max_tokens,
             max_wait=self.settings.batch_wait_ms / 1000,
-            queue_max=self.settings.queue_max,
+            queue_max_tokens=self.settings.queue_max_tokens,
+            request_timeout=self.settings.request_timeout_seconds,
         ), on_batch=self._record_batch)
         self._batcher.start()
         self._images = images
@@ -122,7 +122,17 @@ class EmbeddingService:
             self._loader.join(timeout)
         return self._ready.is_set()
 
+    def liveness(self) -> tuple[bool, dict]:
+        """Alive unless the model thread has ended or is stuck: then only a restart helps."""
+        fault = self._model_fault()
+        if fault is not None:
+            return False, {"status": "error", "reason": fault}
+        return True, {"status": "ok"}
+
     def readiness(self) -> tuple[bool, dict]:
+        fault = self._model_fault()
+        if fault is not None:
+            return False, {"status": "error", "model": self.settings.embedding_model, "reason": fault}
         if self._ready.is_set():
             return True, {"status": "ready", "model": self.settings.embedding_model,
                           "supports_images": self._images is not None,
@@ -130,6 +140,9 @@ class EmbeddingService:
         if self._error is not None:
             return False, {"status": "error", "model": self.settings.embedding_model, "reason": self._error}
         return False, {"status": "loading"}
+
+    def _model_fault(self) -> str | None:
+        return self._batcher.fault() if self._batcher is not None else None
 
     def _ready_text_embedder(self) -> TextEmbedder:
         if not self._ready.is_set():
@@ -139,11 +152,13 @@ class EmbeddingService:
     def embed_texts(self, texts: Sequence[str]) -> EmbeddingResult:
         """One vector per text, in input order."""
         text_embedder = self._ready_text_embedder()
+        self._batcher.ensure_room()
         return self._embed_tokenized(text_embedder, text_embedder.tokenize(texts))
 
     def embed_token_ids(self, token_id_lists: Sequence[Sequence[int]]) -> EmbeddingResult:
         """One vector per list of the model's own token ids (chunked like text)."""
         text_embedder = self._ready_text_embedder()
+        self._batcher.ensure_room()
         return self._embed_tokenized(text_embedder, text_embedder.tokenized_from_ids(token_id_lists))
 
     def require_image_support(self) -> ImageEmbedder:
@@ -160,26 +175,15 @@ class EmbeddingService:
         """One vector per image file's bytes, in input order.
 
         Raises image_embeddings.ImageInputError, with its index, for the first image that cannot be used;
-        no image is embedded then. Decoding happens outside the model lock: it does not use the model.
+        no image is embedded then. Images are decoded in the request's thread, then embedded on the
+        model thread, counted as IMAGE_WORK_TOKENS each in its queue.
         """
         image_embedder = self.require_image_support()
-        with self._image_admission(), self._image_slots:
+        self._batcher.ensure_room()
+        with self._image_slots:
             prepared = image_embedder.prepare_encoded(encoded_images)
-            with self._model_lock:
-                return image_embedder.embed_prepared(prepared)
-
-    @contextmanager
-    def _image_admission(self):
-        """Admit an image request unless QUEUE_MAX of them already wait, as the text queue does."""
-        with self._image_requests_lock:
-            if self._image_requests >= self.settings.queue_max + IMAGE_DECODE_SLOTS:
-                raise QueueFullError(f"{self._image_requests} image requests are already waiting for the model")
-            self._image_requests += 1
-        try:
-            yield
-        finally:
-            with self._image_requests_lock:
-                self._image_requests -= 1
+        return self._batcher.run_alone(lambda: image_embedder.embed_prepared(prepared),
+                                       len(prepared) * IMAGE_WORK_TOKENS)
 
     def vocabulary_size(self) -> int:
         return self._ready_text_embedder().vocabulary_size
@@ -203,7 +207,7 @@ class EmbeddingService:
             self._batcher.stop()
 
     def _embed_tokenized(self, text_embedder: TextEmbedder, texts: Sequence[TokenizedText]) -> EmbeddingResult:
-        # Raises QueueFullError when too many requests already wait for the model.
+        # Raises QueueFullError when the queue is full, RequestTimeoutError past the request deadline.
         window_vectors = self._batcher.encode([window for text in texts for window in text.chunks])
         vectors = text_embedder.combine_all(texts, window_vectors)
         return EmbeddingResult(vectors, sum(text_embedder.tokens_processed(text) for text in texts))
@@ -229,5 +233,5 @@ class EmbeddingService:
             observer(stats)
 
     def _encode_windows(self, windows: list[list[int]]) -> np.ndarray:
-        with self._model_lock:
-            return self._text.encode_chunks(windows)
+        # Only the model thread calls this, so forward passes never compete for the cores.
+        return self._text.encode_chunks(windows)

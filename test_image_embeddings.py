@@ -20,9 +20,8 @@ import os
 import resource
 import struct
 import threading
-import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import replace
 
 import numpy as np
@@ -38,7 +37,7 @@ from main import create_app
 from model_locator import ModelNotFoundError, locate_model
 from batcher import QueueFullError
 from self_check import IMAGE_MIN_COSINE
-from service import EmbeddingService
+from service import IMAGE_WORK_TOKENS, EmbeddingService
 from tiny_clip import TINY_DIMENSION
 
 HEADERS = {"X-API-Key": TEST_API_KEY}
@@ -463,8 +462,9 @@ def test_real_clip_places_colours_next_to_their_names(tmp_path):
     assert cosine(blue_text, blue) > cosine(blue_text, red)
 
 
-def test_image_overload_gets_429_and_accepted_images_are_correct(clip_settings, clip_model, monkeypatch):
-    with running_service(replace(clip_settings, queue_max=1)) as service:
+def test_image_overload_gets_429_at_once_and_accepted_images_are_correct(clip_settings, clip_model, monkeypatch):
+    # The queue holds one image request's work besides the one in the model.
+    with running_service(replace(clip_settings, queue_max_tokens=IMAGE_WORK_TOKENS)) as service:
         check_image_overload(service, clip_model, monkeypatch)
 
 
@@ -473,24 +473,28 @@ def check_image_overload(service, clip_model, monkeypatch):
     gate, entered = threading.Event(), threading.Event()
     real_embed = image_embedder.embed_prepared
 
-    def slow_model(prepared):  # a model made slow on purpose, so requests pile up
+    def held_model(prepared):  # a model call held until the test lets it through, so requests pile up
         entered.set()
-        assert gate.wait(30)
+        gate.wait()
         return real_embed(prepared)
 
-    monkeypatch.setattr(image_embedder, "embed_prepared", slow_model)
-    images = [Image.new("RGB", (40, 30), color) for color in ("red", "green", "blue", "white", "black")]
-    with ThreadPoolExecutor(len(images)) as pool:
-        futures = [pool.submit(service.embed_images, [encoded(image)]) for image in images[:3]]
-        assert entered.wait(10)
-        time.sleep(0.3)
-        with pytest.raises(QueueFullError):
-            service.embed_images([encoded(images[3])])
-        gate.set()
-        for image, future in zip(images, futures):
-            expected = clip_model.encode([image])[0]
-            assert_same_vectors(future.result(30)[0], expected, IMAGE_MIN_COSINE)
-    assert len(service.embed_images([encoded(images[4])])) == 1
+    monkeypatch.setattr(image_embedder, "embed_prepared", held_model)
+    images = [Image.new("RGB", (40, 30), color) for color in ("red", "green", "blue", "white")]
+    with ThreadPoolExecutor(3) as pool:
+        try:
+            in_model = pool.submit(service.embed_images, [encoded(images[0])])
+            assert entered.wait(30)
+            contenders = {pool.submit(service.embed_images, [encoded(image)]): image for image in images[1:3]}
+            # One fits in the queue; the other is refused at once, while the model is still held.
+            refused = next(as_completed(contenders, timeout=30))
+            with pytest.raises(QueueFullError):
+                refused.result()
+        finally:
+            gate.set()
+        [accepted] = [future for future in contenders if future is not refused]
+        for image, future in [(images[0], in_model), (contenders[accepted], accepted)]:
+            assert_same_vectors(future.result(30)[0], clip_model.encode([image])[0], IMAGE_MIN_COSINE)
+    assert len(service.embed_images([encoded(images[3])])) == 1
 
 
 # --- the OpenAI-compatible route with a CLIP model (issue 6) -------------------

@@ -301,12 +301,12 @@ def test_a_model_served_from_a_folder_is_named_by_the_folder_not_its_path(server
 
 def test_queue_full_is_429_with_retry_after(server, loaded_service, monkeypatch):
     def refuse(windows):
-        raise QueueFullError("32 requests are already waiting for the model")
+        raise QueueFullError("30000 tokens of work from 12 requests already wait for the model", retry_after=7)
 
     monkeypatch.setattr(loaded_service._batcher, "encode", refuse)  # inject the overload
     answer = post_v1(server, {"model": MODEL, "input": "hi"})
     assert_envelope(answer, 429, None, "server_busy", "busy")
-    assert answer.headers["Retry-After"] == "1"
+    assert answer.headers["Retry-After"] == "7"
 
 
 def test_unexpected_failure_is_500_in_the_envelope(server, loaded_service, monkeypatch):
