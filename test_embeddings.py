@@ -226,6 +226,21 @@ def test_settings_defaults_are_the_documented_ones():
     assert (settings.max_images_per_batch, settings.max_image_size) == (20, 10485760)
     assert settings.embedding_model == "all-MiniLM-L6-v2" and settings.tokenizer_model is None
     assert settings.allow_model_download is False
+    assert (settings.engine, settings.engine_precision) == ("auto", "auto")
+
+
+def test_one_worker_on_every_core_unless_torch_serves(monkeypatch):
+    import config
+    monkeypatch.setattr(config, "available_cpus", lambda: 4)
+    exported = load_settings({})
+    assert (exported.workers, exported.engine_threads) == (1, 4)
+    torch_settings = load_settings({"ENGINE": "torch"})
+    assert (torch_settings.workers, torch_settings.engine_threads) == (2, 2)
+    assert load_settings({"WORKERS": "2"}).engine_threads == 2
+    # TORCH_NUM_THREADS is the older name of the thread count; ENGINE_THREADS wins over it.
+    assert load_settings({"TORCH_NUM_THREADS": "3"}).engine_threads == 3
+    assert load_settings({"TORCH_NUM_THREADS": "3", "ENGINE_THREADS": "1"}).engine_threads == 1
+    assert load_settings({"ENGINE": "TORCH", "ENGINE_PRECISION": "F32"}).engine_precision == "f32"
 
 
 def test_settings_are_read_from_the_environment():
@@ -241,7 +256,8 @@ def test_settings_are_read_from_the_environment():
 @pytest.mark.parametrize("name, value", [
     ("MAX_BATCH_SIZE", "0"), ("MAX_TEXTS_PER_BATCH", "-5"), ("PORT", "http"), ("MAX_IMAGE_SIZE", "1.5"),
     ("PORT", "70000"), ("MAX_TEXT_LENGTH", "ten"), ("ALLOW_MODEL_DOWNLOAD", "maybe"),
-    ("VECTOR_EMBEDDER_API_KEY", " , "),
+    ("VECTOR_EMBEDDER_API_KEY", " , "), ("ENGINE", "onnxruntime"), ("ENGINE_PRECISION", "int8"),
+    ("ENGINE_THREADS", "0"),
 ])
 def test_bad_settings_name_the_variable(name, value):
     with pytest.raises(SettingsError, match=name):

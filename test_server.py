@@ -69,6 +69,11 @@ def test_gunicorn_metrics_add_up_and_requests_are_logged_as_json(gunicorn_server
     requests.post(gunicorn_server.url + "/embeddings", json={"text": "metric me"}, headers=headers, timeout=30)
     text = requests.get(gunicorn_server.url + "/metrics", headers=headers, timeout=10).text
     assert 'embedder_requests_total{route="/embeddings",status="200"}' in text
+    precision = requests.get(gunicorn_server.url + "/health/ready", timeout=5).json()["precision"]
+    assert f'embedder_engine_info{{engine="openvino",precision="{precision}"}} 1.0' in text
+    # Set when the model loaded, before any scrape.
+    load_seconds = [line for line in text.splitlines() if line.startswith("embedder_model_load_seconds ")]
+    assert load_seconds and float(load_seconds[0].split()[1]) > 0
     assert "gunicorn-key" not in text
     log_lines = [line for line in gunicorn_server.output().splitlines() if "from-the-test" in line]
     assert log_lines and all("gunicorn-key" not in line for line in log_lines)
