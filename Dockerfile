@@ -26,16 +26,8 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python3 -m venv /opt/venv
 WORKDIR /build
 COPY wheels/ wheels/
-COPY requirements.txt requirements-serve.txt ./
-# torch first and on its own, from the local wheels or the CPU index, so that
-# `torch==2.13.0` in requirements.txt is already satisfied by the CPU build.
-RUN set -eu; \
-    if [ -z "$TORCH_INDEX_URL" ] && ! ls wheels/torch-2.13.0*.whl >/dev/null 2>&1; then \
-        echo "TORCH_INDEX_URL is empty and wheels/ holds no torch 2.13.0 wheel" >&2; exit 1; \
-    fi; \
-    PIP_EXTRA_INDEX_URL="$TORCH_INDEX_URL" pip install --find-links wheels torch==2.13.0; \
-    python -c "import torch, sys; sys.exit('torch is a CUDA build' if torch.version.cuda else 0)"; \
-    pip install --find-links wheels -r requirements.txt
+COPY requirements.txt requirements-serve.txt scripts/install_packages.sh ./
+RUN sh install_packages.sh all
 
 FROM builder AS models
 # Upstream's documented default model; any sentence-transformers model name,
@@ -61,18 +53,18 @@ RUN python download_models.py \
  && mkdir /serve-models \
  && if [ "$ENGINE" = torch ]; then cp -a /models/. /serve-models/; else cp -a /models/*.openvino /serve-models/; fi
 
-# The serving virtual environment of each engine: the OpenVINO one has no torch.
-FROM ${PYTHON_IMAGE} AS serve-venv-auto
+# The serving virtual environment: no torch, unless the torch engine is to serve.
+FROM ${PYTHON_IMAGE} AS serve-venv
+ARG ENGINE
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH
-COPY requirements-serve.txt /build/
-RUN python3 -m venv /opt/venv && pip install -r /build/requirements-serve.txt
-
-FROM builder AS serve-venv-torch
-
-# hadolint ignore=DL3006
-FROM serve-venv-${ENGINE} AS serve-venv
+WORKDIR /build
+COPY wheels/ wheels/
+COPY requirements.txt requirements-serve.txt scripts/install_packages.sh ./
+RUN python3 -m venv /opt/venv \
+ && if [ "$ENGINE" = torch ]; then sh install_packages.sh all; else sh install_packages.sh serve; fi
 
 FROM ${PYTHON_IMAGE} AS runtime
 # hadolint ignore=DL3064
@@ -95,7 +87,7 @@ COPY --from=serve-venv /opt/venv /opt/venv
 COPY --from=models /serve-models /models
 WORKDIR /app
 # The runtime modules only: no tests, benchmark, soak, exporter or test helpers.
-COPY gunicorn.conf.py main.py openai_api.py api_docs.py openapi_document.py observability.py service.py batcher.py \
+COPY gunicorn.conf.py main.py openai_api.py api_docs.py openapi_document.py observability.py service.py batcher.py budget.py \
      config.py worker_registry.py model_locator.py model_loading.py manifest.py self_check.py text_tokenizer.py \
      embeddings.py image_embeddings.py openvino_engine.py torch_engine.py ./
 # What the image carries, printed at the end of the build.
