@@ -113,6 +113,8 @@ def _staging_folder(target: Path) -> Iterator[Path]:
     """A sibling folder to fill; renamed to the target only when everything in it worked."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    # mkdtemp makes it private (0700); the service runs as another, unprivileged user and must read it.
+    staging.chmod(0o755)
     try:
         yield staging
     except BaseException:

@@ -58,6 +58,10 @@ def test_bakes_the_bundled_model_and_its_tokenizer(bake_environment, monkeypatch
     assert "verified: openvino" in output and "reproduces the torch vectors" in output
     # Nothing but the baked folder and its export is left behind: no staging folder, no hub cache.
     assert sorted(path.name for path in bake_environment.iterdir()) == sorted([baked.name, exported.name])
+    # Readable by anyone: the image serves them as an unprivileged user, not as the user who built them.
+    for folder in (baked, exported):
+        assert all(path.stat().st_mode & 0o005 == 0o005 for path in [folder, *folder.rglob("*")] if path.is_dir())
+        assert all(path.stat().st_mode & 0o004 for path in folder.rglob("*") if path.is_file())
 
 
 def test_service_loads_the_baked_model_and_embeds_like_the_bundled_one(baked_models_dir, torch_service, caplog):
