@@ -2,8 +2,8 @@
 
 They let the official OpenAI client, and frameworks built on it, use this
 service by changing only the base URL and the key. Requests are read and
-validated with main.py's helpers; errors use OpenAI's envelope (main.py picks
-it for every path under /v1).
+validated with http_common.py, as the service's own routes are; errors use
+OpenAI's envelope (main.py picks it for every path under /v1).
 """
 from __future__ import annotations
 
@@ -14,11 +14,14 @@ from typing import Any, Iterator
 import numpy as np
 from flask import Blueprint, jsonify
 
+from http_common import (ApiError, embedding_service, image_errors, json_type, read_json_object, require_api_key,
+                         require_field, settings, validate_image_string, validate_text)
 from image_embeddings import ImageInputError
-from main import (ApiError, embedding_service, image_errors, json_type, read_json_object, require_api_key,
-                  require_field, settings, validate_image_string, validate_text)
-from observability import count_work
 from model_locator import hub_id, served_model_id
+from observability import count_work
+
+# Routes under this prefix speak the OpenAI API, errors included.
+OPENAI_PREFIX = "/v1"
 
 openai_api = Blueprint("openai", __name__)
 openai_api.before_request(require_api_key)
