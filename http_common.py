@@ -1,21 +1,29 @@
 """What both APIs use to read a request: the API key, the body, the validators and the limits.
 
 main.py (the service's own routes) and openai_api.py (the OpenAI-compatible routes) build on this
-module, and it on neither. One set of validators serves both; an ApiError becomes each API's
-own error envelope (main.py answers it).
+module, and it on neither. One set of limits and one set of validators serves both; an ApiError
+becomes each API's own error envelope (main.py answers it).
+
+Texts are limited in tokens: each text is tokenized once, here, and its token count checked
+before its windows are queued for the model. A cheap character bound (MAX_TEXT_LENGTH) is checked
+before tokenizing, so no text costs much to tokenize.
 """
 from __future__ import annotations
 
 import hmac
 import json
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
+import numpy as np
 from flask import current_app, request
 
 from config import Settings
+from embeddings import TokenizedText
 from image_embeddings import ImageInputError, ImageTooLargeError, check_byte_size, decode_base64_image
-from service import EmbeddingService
+from model_locator import served_model_id
+from observability import count_work
+from service import MULTIMODAL_MODELS, EmbeddingResult, EmbeddingService
 
 
 class ApiError(Exception):
@@ -109,6 +117,7 @@ def is_multipart() -> bool:
 # --- texts ------------------------------------------------------------------
 
 def validate_text(value: Any, where: str) -> str:
+    """A non-empty string of text within the character guard (MAX_TEXT_LENGTH), checked before tokenizing."""
     if not isinstance(value, str):
         raise ApiError(400, f"{where} must be a string, got {json_type(value)}")
     if not value.strip():
@@ -123,15 +132,23 @@ def validate_text(value: Any, where: str) -> str:
     return value
 
 
+def check_count(count: int, where: str, noun: str, limit: int, limit_name: str) -> None:
+    if count > limit:
+        raise ApiError(400, f"{where} has {count} {noun}s; the limit is {limit} ({limit_name})")
+
+
 def validate_list(value: Any, where: str, described: str, noun: str, limit: int, limit_name: str) -> list[Any]:
     """A non-empty JSON array of at most `limit` items, or a 400 that says which rule it broke."""
     if not isinstance(value, list):
         raise ApiError(400, f"{where} must be an array of {described}, got {json_type(value)}")
     if not value:
         raise ApiError(400, f"{where} is empty: send at least one {noun}")
-    if len(value) > limit:
-        raise ApiError(400, f"{where} has {len(value)} {noun}s; the limit is {limit} ({limit_name})")
+    check_count(len(value), where, noun, limit, limit_name)
     return value
+
+
+def check_text_count(count: int, where: str) -> None:
+    check_count(count, where, "text", settings().max_texts_per_batch, "MAX_TEXTS_PER_BATCH")
 
 
 def validate_text_list(value: Any, where: str) -> list[str]:
@@ -139,7 +156,83 @@ def validate_text_list(value: Any, where: str) -> list[str]:
     return [validate_text(item, f"{where}[{index}]") for index, item in enumerate(texts)]
 
 
+def places(where: str, count: int) -> list[str]:
+    """The places of a list's items in error messages: texts[0], texts[1], ..."""
+    return [f"{where}[{index}]" for index in range(count)]
+
+
+# --- tokens -----------------------------------------------------------------
+
+class TokenLimits:
+    """MAX_TOKENS_PER_TEXT and MAX_TOKENS_PER_REQUEST, checked text by text as one request's texts are counted."""
+
+    def __init__(self) -> None:
+        self.total = 0
+
+    def add(self, tokens: int, place: str) -> None:
+        """Count one text's tokens: a 413 that says how many there are and the limit when a limit is passed."""
+        check_text_tokens(tokens, place)
+        self.total += tokens
+        limit = settings().max_tokens_per_request
+        if self.total > limit:
+            raise ApiError(413, f"The texts up to {place} have {self.total} tokens; the limit per request is "
+                                f"{limit} (MAX_TOKENS_PER_REQUEST): send them in several requests")
+
+
+def check_text_tokens(tokens: int, place: str) -> None:
+    limit = settings().max_tokens_per_text
+    if tokens > limit:
+        raise ApiError(413, f"{place} has {tokens} tokens; the limit is {limit} (MAX_TOKENS_PER_TEXT)")
+
+
+def tokenize_within_limits(texts: Sequence[str], text_places: Sequence[str]) -> list[TokenizedText]:
+    """Each text tokenized once, in order, to be counted against the limits and then embedded.
+
+    Tokenizing stops at the first text past a limit, so a refused request costs about as
+    much as the largest accepted one, however much text it sent.
+    """
+    limits, tokenized = TokenLimits(), []
+    for text, place in zip(texts, text_places):
+        [one] = embedding_service().tokenize([text])
+        limits.add(one.token_count, place)
+        tokenized.append(one)
+    return tokenized
+
+
+def token_ids_within_limits(id_lists: Sequence[list[int]], text_places: Sequence[str]) -> list[TokenizedText]:
+    """Texts given as token ids, held to the limits of tokenized text."""
+    limits = TokenLimits()
+    for ids, place in zip(id_lists, text_places):
+        limits.add(len(ids), place)
+    return embedding_service().tokenized_from_ids(id_lists)
+
+
+def embed_tokenized(texts: Sequence[TokenizedText]) -> EmbeddingResult:
+    """The texts' vectors, their tokens counted for the request log and metrics."""
+    result = embedding_service().embed_tokenized(texts)
+    count_work(tokens=result.token_count)
+    return result
+
+
 # --- images -----------------------------------------------------------------
+
+def require_image_support(image_at: str | None = None) -> None:
+    """A 400 when the served model embeds text only; `image_at` names the image's place in the request."""
+    if not embedding_service().supports_images():
+        raise text_only_model_error(image_at)
+
+
+def text_only_model_error(image_at: str | None = None) -> ApiError:
+    subject = f"{image_at} is an image, but the model" if image_at else "The model"
+    model = served_model_id(settings().embedding_model)
+    return ApiError(400, f"{subject} {model!r} embeds text only, so it cannot embed images: set EMBEDDING_MODEL "
+                         f"to a multimodal CLIP model ({MULTIMODAL_MODELS}) to embed images and texts in one "
+                         f"vector space")
+
+
+def check_image_count(count: int, where: str) -> None:
+    check_count(count, where, "image", settings().max_images_per_batch, "MAX_IMAGES_PER_BATCH")
+
 
 def validate_image_string(value: Any, where: str) -> bytes:
     """The image bytes of a base64 string or data URI."""
@@ -171,12 +264,24 @@ def read_uploaded_image(field: str) -> bytes:
 
 
 @contextmanager
-def image_errors(where: str, in_batch: bool = False) -> Iterator[None]:
+def image_errors(where: str) -> Iterator[None]:
     """Turn an unusable image into a 400, or a 413 when it is over a limit, naming where it was."""
     try:
         yield
     except ImageInputError as error:
-        if in_batch and error.index is not None:
-            where = f"{where}[{error.index}]"
-        status = 413 if isinstance(error, ImageTooLargeError) else 400
-        raise ApiError(status, f"{where} {error}") from None
+        raise image_error(error, where) from None
+
+
+def image_error(error: ImageInputError, where: str) -> ApiError:
+    return ApiError(413 if isinstance(error, ImageTooLargeError) else 400, f"{where} {error}")
+
+
+def embed_images(images: Sequence[bytes], image_places: Sequence[str]) -> list[np.ndarray]:
+    """One vector per image file's bytes, each an image's place in the request, which errors name."""
+    try:
+        vectors = embedding_service().embed_images(images)
+    except ImageInputError as error:
+        # The service numbers the images it was given; the client needs the place in its own request.
+        raise image_error(error, image_places[error.index or 0]) from None
+    count_work(images=len(images))
+    return vectors

@@ -22,11 +22,12 @@ from api_docs import docs
 from batcher import ModelUnavailableError, QueueFullError, RequestTimeoutError
 from budget import Budget
 from config import Settings, load_settings
-from http_common import (ApiError, embedding_service, image_errors, is_multipart, read_json_object,
-                         read_uploaded_image, require_api_key, require_field, settings, validate_image_list,
-                         validate_image_string, validate_text, validate_text_list)
+from http_common import (ApiError, embed_images, embed_tokenized, embedding_service, is_multipart, places,
+                         read_json_object, read_uploaded_image, require_api_key, require_field,
+                         require_image_support, settings, text_only_model_error, tokenize_within_limits,
+                         validate_image_list, validate_image_string, validate_text, validate_text_list)
 from model_locator import served_model_id, without_local_paths
-from observability import Metrics, count_work
+from observability import Metrics
 from openai_api import OPENAI_PREFIX, openai_api
 from service import EmbeddingService, ImagesNotSupportedError, ModelNotReadyError
 
@@ -114,42 +115,38 @@ def metrics():
 @api.post("/embeddings")
 def embed_text():
     text = validate_text(require_field(read_json_object(), "text"), "text")
-    result = embedding_service().embed_texts([text])
-    count_work(tokens=result.token_count)
+    tokenized = tokenize_within_limits([text], ["text"])
+    result = embed_tokenized(tokenized)
     return jsonify(embeddings=[result.vectors[0]])
 
 
 @api.post("/embeddings/batch")
 def embed_text_batch():
     texts = validate_text_list(require_field(read_json_object(), "texts"), "texts")
-    result = embedding_service().embed_texts(texts)
-    count_work(tokens=result.token_count)
+    tokenized = tokenize_within_limits(texts, places("texts", len(texts)))
+    result = embed_tokenized(tokenized)
     return jsonify(embeddings=[[vector] for vector in result.vectors])
 
 
 @api.post("/embeddings/image")
 def embed_image():
-    embedding_service().require_image_support()
+    require_image_support()
     if is_multipart():
         image = read_uploaded_image("image")
     else:
         image = validate_image_string(require_field(read_json_object(), "image"), "image")
-    with image_errors("image"):
-        vectors = embedding_service().embed_images([image])
-    count_work(images=1)
+    vectors = embed_images([image], ["image"])
     return jsonify(embeddings=[vectors[0]])
 
 
 @api.post("/embeddings/image/batch")
 def embed_image_batch():
-    embedding_service().require_image_support()
+    require_image_support()
     if is_multipart():
         raise ApiError(400, "The batch route takes JSON {\"images\": [\"<base64>\", ...]}; upload single files "
                             "with multipart to /embeddings/image")
     images = validate_image_list(require_field(read_json_object(), "images"), "images")
-    with image_errors("images", in_batch=True):
-        vectors = embedding_service().embed_images(images)
-    count_work(images=len(images))
+    vectors = embed_images(images, places("images", len(images)))
     return jsonify(embeddings=[[vector] for vector in vectors])
 
 
@@ -206,7 +203,8 @@ def handle_model_unavailable(error: ModelUnavailableError):
 
 
 def handle_images_not_supported(error: ImagesNotSupportedError):
-    return error_response(501, str(error))
+    # The routes check first and name the image; this answers the same should one not.
+    return handle_api_error(text_only_model_error())
 
 
 def handle_too_large(error: RequestEntityTooLarge):

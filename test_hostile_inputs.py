@@ -56,7 +56,8 @@ HOSTILE = [
     ("only whitespace", "/embeddings", {"text": " \t\n\u00a0 "}, 400, "empty"),
     ("empty batch", "/embeddings/batch", {"texts": []}, 400, "empty"),
     ("101 texts", "/embeddings/batch", {"texts": ["t"] * 101}, 400, "MAX_TEXTS_PER_BATCH"),
-    ("one enormous text", "/embeddings", {"text": "word " * 10000}, 413, "MAX_TEXT_LENGTH"),
+    ("a text of 10,000 tokens", "/embeddings", {"text": "word " * 10000}, 413, "MAX_TOKENS_PER_TEXT"),
+    ("a text past the character guard", "/embeddings", {"text": "x" * 300_000}, 413, "MAX_TEXT_LENGTH"),
     ("text is a number", "/embeddings", {"text": 3.5}, 400, "must be a string"),
     ("texts is an object", "/embeddings/batch", {"texts": {"a": 1}}, 400, "array of strings"),
     ("NUL characters", "/embeddings", {"text": "nul\u0000inside\u0000"}, 200, None),
@@ -139,7 +140,7 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(clip_server):
     assert "MAX_REQUEST_SIZE" in answer and time.monotonic() - started < 5
 
 
-def test_hostile_inputs_on_a_text_only_model_get_501_for_images(server):
+def test_hostile_inputs_on_a_text_only_model_get_400_for_images(server):
     response = requests.post(server.url + "/embeddings/image", json={"image": b64(PNG)},
                              headers={"X-API-Key": TEST_API_KEY}, timeout=30)
-    assert response.status_code == 501 and "CLIP" in response.json()["error"]
+    assert response.status_code == 400 and "CLIP" in response.json()["error"]

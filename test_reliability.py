@@ -18,7 +18,8 @@ KEY = "reliability-key"
 AUTH = {"X-API-Key": KEY}
 DOCUMENT = "Reliability means answering correctly or saying clearly why not. " * 70  # about 700 tokens
 # Two such documents wait per worker, besides the one in the model; a third is refused.
-OVERLOAD_QUEUE_TOKENS = "1500"
+# The request limits fit inside such a queue (config.py refuses start-up otherwise).
+OVERLOAD_LIMITS = {"QUEUE_MAX_TOKENS": "1500", "MAX_TOKENS_PER_REQUEST": "1500", "MAX_TOKENS_PER_TEXT": "1500"}
 
 
 @pytest.fixture
@@ -31,8 +32,7 @@ def gunicorn_server(tmp_path, models_dir):
 
 @pytest.fixture
 def overloadable_server(tmp_path, models_dir):
-    server = start_gunicorn(tmp_path, models_dir, VECTOR_EMBEDDER_API_KEY=KEY, QUEUE_MAX_TOKENS=OVERLOAD_QUEUE_TOKENS,
-                            THREADS="32")
+    server = start_gunicorn(tmp_path, models_dir, VECTOR_EMBEDDER_API_KEY=KEY, THREADS="32", **OVERLOAD_LIMITS)
     server.wait_until_ready()
     yield server
     server.stop()
