@@ -225,19 +225,35 @@ def tiny_clip_server(tiny_clip_settings, tiny_clip_service):
     live.stop()
 
 
-@pytest.fixture
-def server_with(test_settings, loaded_service):
-    """Start a server on the loaded model with some settings changed."""
+@contextmanager
+def servers_on(settings: Settings, service: EmbeddingService) -> Iterator[Callable[..., LiveServer]]:
+    """A function that starts a server on a loaded service with some settings changed; all are stopped after."""
     started = []
 
     def start(**changes) -> LiveServer:
-        live = start_live_server(create_app(replace(test_settings, **changes), loaded_service))
+        live = start_live_server(create_app(replace(settings, **changes), service))
         started.append(live)
         return live
 
-    yield start
-    for live in started:
-        live.stop()
+    try:
+        yield start
+    finally:
+        for live in started:
+            live.stop()
+
+
+@pytest.fixture
+def server_with(test_settings, loaded_service):
+    """Start a server on the loaded model with some settings changed."""
+    with servers_on(test_settings, loaded_service) as start:
+        yield start
+
+
+@pytest.fixture
+def clip_server_with(tiny_clip_settings, tiny_clip_service):
+    """Start a server on the tiny CLIP with some settings changed."""
+    with servers_on(tiny_clip_settings, tiny_clip_service) as start:
+        yield start
 
 
 # --- gunicorn, as the service runs in production ------------------------------------

@@ -10,7 +10,6 @@ import base64
 import itertools
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 
 import openai
 import pytest
@@ -19,8 +18,7 @@ from PIL import Image
 
 from batcher import Batcher, BatchLimits
 from config import SettingsError, load_settings
-from conftest import SAME_ENGINE_MIN_COSINE, TEST_API_KEY, assert_same_vectors, start_live_server
-from main import create_app
+from conftest import SAME_ENGINE_MIN_COSINE, TEST_API_KEY, assert_same_vectors
 from test_batcher import PATIENCE, GatedEncoder, windows_of
 from test_image_embeddings import encoded
 
@@ -70,21 +68,6 @@ def client(server) -> openai.OpenAI:
 
 def client_of(live) -> openai.OpenAI:
     return openai.OpenAI(base_url=live.url + "/v1", api_key=TEST_API_KEY, max_retries=0)
-
-
-@pytest.fixture
-def clip_server_with(tiny_clip_settings, tiny_clip_service):
-    """Start a server on the tiny CLIP with some settings changed."""
-    started = []
-
-    def start(**changes):
-        live = start_live_server(create_app(replace(tiny_clip_settings, **changes), tiny_clip_service))
-        started.append(live)
-        return live
-
-    yield start
-    for live in started:
-        live.stop()
 
 
 # --- limits in tokens --------------------------------------------------------------
