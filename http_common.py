@@ -163,8 +163,8 @@ def places(where: str, count: int) -> list[str]:
 
 # --- tokens -----------------------------------------------------------------
 
-class TokenLimits:
-    """MAX_TOKENS_PER_TEXT and MAX_TOKENS_PER_REQUEST, checked text by text as one request's texts are counted."""
+class RequestTokens:
+    """One request's tokens, counted text by text against MAX_TOKENS_PER_TEXT and MAX_TOKENS_PER_REQUEST."""
 
     def __init__(self) -> None:
         self.total = 0
@@ -191,19 +191,19 @@ def tokenize_within_limits(texts: Sequence[str], text_places: Sequence[str]) -> 
     Tokenizing stops at the first text past a limit, so a refused request costs about as
     much as the largest accepted one, however much text it sent.
     """
-    limits, tokenized = TokenLimits(), []
+    counted, tokenized = RequestTokens(), []
     for text, place in zip(texts, text_places):
         [one] = embedding_service().tokenize([text])
-        limits.add(one.token_count, place)
+        counted.add(one.token_count, place)
         tokenized.append(one)
     return tokenized
 
 
 def token_ids_within_limits(id_lists: Sequence[list[int]], text_places: Sequence[str]) -> list[TokenizedText]:
     """Texts given as token ids, held to the limits of tokenized text."""
-    limits = TokenLimits()
+    counted = RequestTokens()
     for ids, place in zip(id_lists, text_places):
-        limits.add(len(ids), place)
+        counted.add(len(ids), place)
     return embedding_service().tokenized_from_ids(id_lists)
 
 

@@ -158,6 +158,7 @@ def test_a_largest_request_joins_a_queue_that_already_holds_other_work(text_embe
 
 
 def test_each_text_is_tokenized_once(server, client, text_embedder, monkeypatch):
+    too_long = english_document(text_embedder.tokenizer, 9000)
     seen: list[str] = []
     tokenize = text_embedder.tokenizer.token_ids
     lock = threading.Lock()
@@ -172,6 +173,10 @@ def test_each_text_is_tokenized_once(server, client, text_embedder, monkeypatch)
     assert post(server, "/embeddings/batch", {"texts": texts}).status_code == 200
     client.embeddings.create(model=MODEL, input=["one for the client", "two for the client"])
     assert sorted(seen) == sorted(texts + ["one for the client", "two for the client"])
+    # Counting stops at the first text past a limit: what follows it is never tokenized.
+    seen.clear()
+    answer = post(server, "/embeddings/batch", {"texts": ["before", too_long, "after"]})
+    assert answer.status_code == 413 and seen == ["before", too_long]
 
 
 # --- one set of limits and validators for both APIs ------------------------------
