@@ -491,7 +491,8 @@ def plot(report: dict, path: str) -> None:
         axes.set_xscale("log", base=2)
         axes.legend()
         axes.grid(True, alpha=0.3)
-    figure.suptitle(f"{report['model']} on {report['machine']['cpu']} ({report['machine']['cores']} cores)")
+    machine = report['machine']
+    figure.suptitle(f"{report['model']} on {machine['cpu']} ({machine['cpus']} CPUs; {flags_text(machine['flags'])})")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
 

@@ -38,8 +38,18 @@ class Settings:
     # Pixels in one decoded image, checked from the file header before decoding: a small
     # file can declare a huge picture (a decompression bomb). 50 MP covers phone cameras.
     max_image_pixels: int = 50_000_000
-    # Characters in one text; bounds the time one text can take.
-    max_text_length: int = 20_000
+    # Tokens in one text, as the model's tokenizer counts them (special tokens not included):
+    # the OpenAI API's per-input limit, which clients already respect.
+    max_tokens_per_text: int = 8192
+    # Tokens of all texts in one request: 100 texts of one full MiniLM window (254) each, or four
+    # texts at the per-text limit. 1.9 to 3.5 s of model time for MiniLM on OpenVINO with 2 cores
+    # (measured on a busy shared machine: 9,300 to 17,300 tokens/s), about 14 s for torch on one
+    # core (2,400 tokens/s): well inside REQUEST_TIMEOUT_SECONDS.
+    max_tokens_per_request: int = 32768
+    # Characters in one text, checked before tokenizing so that no text costs much to tokenize
+    # (262,144 characters, about 0.25 s). 32 characters per token of MAX_TOKENS_PER_TEXT: English
+    # runs 4 to 5, so only a text that is mostly white space or unsplittable words reaches it.
+    max_text_length: int = 262_144
     # Bytes in one request body; Flask rejects larger bodies before reading them.
     max_request_size: int = 32 * 1024 * 1024
     # Bytes of request bodies one worker handles at once (read, decoded, waiting for the model);
@@ -68,9 +78,11 @@ class Settings:
     batch_max_tokens: int = 2048
     batch_wait_ms: int = 5
     # Tokens of work waiting for the model before new requests get 429 (an image counts as
-    # service.IMAGE_WORK_TOKENS). MiniLM on one core runs about 2,400 tokens/s, so a full queue
-    # clears in about 14 s, well inside the request deadline; 64 short queries take about 1,000.
-    queue_max_tokens: int = 32768
+    # service.IMAGE_WORK_TOKENS). Twice MAX_TOKENS_PER_REQUEST, so a largest request is refused only
+    # when about a largest request's work already waits, not for one short query's sake. A full queue
+    # clears in 4 to 7 s on OpenVINO with 2 cores, about 27 s for torch on one core: inside the deadline.
+    # 64 short queries take about 1,000.
+    queue_max_tokens: int = 65536
     # Seconds a request waits for the model before it gets 503. Cloud Run ends a request at
     # 120 s (deploy/cloudrun/service.yaml); 60 s answers well before that, with a clear error.
     request_timeout_seconds: float = 60
@@ -156,6 +168,29 @@ def _api_keys(environ: Mapping[str, str]) -> tuple[str, ...]:
     return keys
 
 
+@dataclass(frozen=True)
+class TokenLimits:
+    max_tokens_per_text: int
+    max_tokens_per_request: int
+    queue_max_tokens: int
+
+
+def _token_limits(environ: Mapping[str, str], defaults: Settings) -> TokenLimits:
+    """The token limits, each of which must hold at least one of the one before."""
+    limits = TokenLimits(_positive_int(environ, "MAX_TOKENS_PER_TEXT", defaults.max_tokens_per_text),
+                         _positive_int(environ, "MAX_TOKENS_PER_REQUEST", defaults.max_tokens_per_request),
+                         _positive_int(environ, "QUEUE_MAX_TOKENS", defaults.queue_max_tokens))
+    if limits.max_tokens_per_text > limits.max_tokens_per_request:
+        raise SettingsError(f"MAX_TOKENS_PER_TEXT must be at most MAX_TOKENS_PER_REQUEST "
+                            f"({limits.max_tokens_per_request}), got {limits.max_tokens_per_text}: a text within "
+                            f"its own limit could not be sent")
+    if limits.max_tokens_per_request > limits.queue_max_tokens:
+        raise SettingsError(f"MAX_TOKENS_PER_REQUEST must be at most QUEUE_MAX_TOKENS ({limits.queue_max_tokens}), "
+                            f"got {limits.max_tokens_per_request}: a request within the limits would get 429 "
+                            f"whenever any other work waits for the model")
+    return limits
+
+
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Read and validate the service's settings from the environment."""
     environ = os.environ if environ is None else environ
@@ -171,6 +206,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     if bytes_in_flight < max_request_size:
         raise SettingsError(f"MAX_REQUEST_BYTES_IN_FLIGHT must be at least MAX_REQUEST_SIZE ({max_request_size}), "
                             f"got {bytes_in_flight}: a body of the largest allowed size could never be read")
+    token_limits = _token_limits(environ, defaults)
     if environ.get("QUEUE_MAX", "").strip():
         logger.warning("QUEUE_MAX is no longer read: the model's queue is bounded by the work it holds, "
                        "QUEUE_MAX_TOKENS (see the README)")
@@ -183,6 +219,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         max_image_size=_positive_int(environ, "MAX_IMAGE_SIZE", defaults.max_image_size),
         max_image_pixels=_positive_int(environ, "MAX_IMAGE_PIXELS", defaults.max_image_pixels),
         max_text_length=_positive_int(environ, "MAX_TEXT_LENGTH", defaults.max_text_length),
+        max_tokens_per_text=token_limits.max_tokens_per_text,
+        max_tokens_per_request=token_limits.max_tokens_per_request,
         max_request_size=max_request_size,
         max_request_bytes_in_flight=bytes_in_flight,
         embedding_model=environ.get("EMBEDDING_MODEL", "").strip() or defaults.embedding_model,
@@ -196,7 +234,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         engine_threads=_engine_threads(environ, cpus, workers, engine),
         batch_max_tokens=_positive_int(environ, "BATCH_MAX_TOKENS", defaults.batch_max_tokens),
         batch_wait_ms=_whole_number(environ, "BATCH_WAIT_MS", defaults.batch_wait_ms, minimum=0),
-        queue_max_tokens=_positive_int(environ, "QUEUE_MAX_TOKENS", defaults.queue_max_tokens),
+        queue_max_tokens=token_limits.queue_max_tokens,
         request_timeout_seconds=_positive_int(environ, "REQUEST_TIMEOUT_SECONDS", defaults.request_timeout_seconds),
         metrics_public=_flag(environ, "METRICS_PUBLIC"),
     )

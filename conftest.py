@@ -8,8 +8,10 @@ and `reference_model` is the sentence-transformers model itself, for reference v
 """
 from __future__ import annotations
 
+import http.client
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -37,6 +39,8 @@ from service import EmbeddingService  # noqa: E402
 
 TEST_API_KEY = "test-key"
 MODEL_LOAD_TIMEOUT = 120
+# Seconds a test waits for a server's answer on a raw connection: only turns a hang into a failure.
+ANSWER_TIMEOUT = 120
 # The same engine on the same input, batched or not: only the order of float sums may differ.
 SAME_ENGINE_MIN_COSINE = 0.99999
 
@@ -67,6 +71,34 @@ def start_live_server(app) -> LiveServer:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     return LiveServer(f"http://127.0.0.1:{server.server_port}", server, thread)
+
+
+def start_request(url: str, path: str, body: bytes, headers: dict[str, str]) -> socket.socket:
+    """Send a POST's head with `Expect: 100-continue` and return once the server answers 100 Continue.
+
+    gunicorn sends it from the worker thread that has taken the request, so the request is then in
+    flight in that worker, not waiting to be accepted: the server says so, no time is guessed. The
+    body (`body` gives its length) is the caller's to send, on the connection returned.
+    """
+    host, port = url.removeprefix("http://").split(":")
+    connection = socket.create_connection((host, int(port)), timeout=ANSWER_TIMEOUT)
+    head = [f"POST {path} HTTP/1.1", f"Host: {host}", f"Content-Length: {len(body)}", "Expect: 100-continue",
+            *(f"{name}: {value}" for name, value in headers.items())]
+    connection.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+    interim = b""
+    while not interim.endswith(b"\r\n\r\n"):  # byte by byte: nothing after the interim answer is read
+        byte = connection.recv(1)
+        assert byte, f"the server closed the connection instead of answering 100 Continue: {interim!r}"
+        interim += byte
+    assert interim.startswith(b"HTTP/1.1 100 "), interim
+    return connection
+
+
+def read_answer(connection: socket.socket) -> tuple[int, bytes]:
+    """The status and body of the answer on a raw connection; returns when the server has answered."""
+    answer = http.client.HTTPResponse(connection)
+    answer.begin()
+    return answer.status, answer.read()
 
 
 def bake_and_export(settings: Settings) -> None:
@@ -193,19 +225,35 @@ def tiny_clip_server(tiny_clip_settings, tiny_clip_service):
     live.stop()
 
 
-@pytest.fixture
-def server_with(test_settings, loaded_service):
-    """Start a server on the loaded model with some settings changed."""
+@contextmanager
+def servers_on(settings: Settings, service: EmbeddingService) -> Iterator[Callable[..., LiveServer]]:
+    """A function that starts a server on a loaded service with some settings changed; all are stopped after."""
     started = []
 
     def start(**changes) -> LiveServer:
-        live = start_live_server(create_app(replace(test_settings, **changes), loaded_service))
+        live = start_live_server(create_app(replace(settings, **changes), service))
         started.append(live)
         return live
 
-    yield start
-    for live in started:
-        live.stop()
+    try:
+        yield start
+    finally:
+        for live in started:
+            live.stop()
+
+
+@pytest.fixture
+def server_with(test_settings, loaded_service):
+    """Start a server on the loaded model with some settings changed."""
+    with servers_on(test_settings, loaded_service) as start:
+        yield start
+
+
+@pytest.fixture
+def clip_server_with(tiny_clip_settings, tiny_clip_service):
+    """Start a server on the tiny CLIP with some settings changed."""
+    with servers_on(tiny_clip_settings, tiny_clip_service) as start:
+        yield start
 
 
 # --- gunicorn, as the service runs in production ------------------------------------

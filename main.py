@@ -1,31 +1,34 @@
-"""HTTP layer: routes, authentication, validation and errors.
+"""HTTP layer: the service's own routes, the errors of every route, and the app.
 
-Each route reads the request, validates it, asks the embedding service for
+Each route reads the request, validates it (with http_common.py, which the
+OpenAI-compatible routes of openai_api.py share), asks the embedding service for
 vectors and shapes the response. Every error is JSON `{"error": "..."}`,
-except under /v1 (the OpenAI-compatible routes of openai_api.py), where it is
-OpenAI's envelope `{"error": {"message", "type", "param", "code"}}`.
+except under /v1, where it is OpenAI's envelope
+`{"error": {"message", "type", "param", "code"}}`.
 """
 from __future__ import annotations
 
-import hmac
-import json
 import logging
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import orjson
 from flask import Blueprint, Flask, current_app, g, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from config import Settings, load_settings
 import observability
 import worker_registry
-from batcher import BatchStats, ModelUnavailableError, QueueFullError, RequestTimeoutError
+from api_docs import docs
+from batcher import ModelUnavailableError, QueueFullError, RequestTimeoutError
 from budget import Budget
-from image_embeddings import ImageInputError, ImageTooLargeError, check_byte_size, decode_base64_image
+from config import Settings, load_settings
+from http_common import (ApiError, embed_images, embed_tokenized, embedding_service, is_multipart, places,
+                         read_json_object, read_uploaded_image, require_api_key, require_field,
+                         require_image_support, settings, text_only_model_error, tokenize_within_limits,
+                         validate_image_list, validate_image_string, validate_text, validate_text_list)
 from model_locator import served_model_id, without_local_paths
-from observability import Metrics, count_work
+from observability import Metrics
+from openai_api import OPENAI_PREFIX, openai_api
 from service import EmbeddingService, ImagesNotSupportedError, ModelNotReadyError
 
 logger = logging.getLogger(__name__)
@@ -38,169 +41,7 @@ api = Blueprint("api", __name__)
 LOADING_RETRY_AFTER = 5
 BODIES_IN_FLIGHT_RETRY_AFTER = 1
 
-# Routes under this prefix speak the OpenAI API, errors included.
-OPENAI_PREFIX = "/v1"
-
-
-class ApiError(Exception):
-    """An error answered to the client as JSON with its HTTP status.
-
-    `param` (the request field at fault) and `code` (a machine-readable reason)
-    appear only in the OpenAI error envelope.
-    """
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None,
-                 param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers or {}
-        self.param = param
-        self.code = code
-
-
-def settings() -> Settings:
-    return current_app.config["SETTINGS"]
-
-
-def embedding_service() -> EmbeddingService:
-    return current_app.extensions["embedding_service"]
-
-
-# --- authentication -------------------------------------------------------
-
-def key_is_valid(presented: str | None, accepted: tuple[str, ...]) -> bool:
-    """Constant-time comparison against every accepted key (all are checked, whatever matches)."""
-    if not presented:
-        return False
-    presented_bytes = presented.encode("utf-8")
-    matches = [hmac.compare_digest(presented_bytes, key.encode("utf-8")) for key in accepted]
-    return any(matches)
-
-
-def bearer_token(authorization: str | None) -> str | None:
-    """The key in an `Authorization: Bearer <key>` header, as the OpenAI clients send it."""
-    scheme, _, token = (authorization or "").strip().partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else None
-
-
-@api.before_request
-def require_api_key() -> None:
-    """Every protected route takes the key as X-API-Key or as a bearer token; either one valid is enough."""
-    accepted = settings().api_keys
-    presented = (request.headers.get("X-API-Key"), bearer_token(request.headers.get("Authorization")))
-    if not any([key_is_valid(key, accepted) for key in presented]):
-        raise ApiError(401, "Missing or invalid API key: send it in the X-API-Key header "
-                            "or as 'Authorization: Bearer <key>'", code="invalid_api_key")
-
-
-# --- validation -----------------------------------------------------------
-
-def read_json_object() -> dict[str, Any]:
-    """The request body as a JSON object, or a 400 that says what is wrong with it."""
-    body = request.get_data(cache=False)
-    if not body:
-        raise ApiError(400, "Request body is empty: send a JSON object")
-    try:
-        # RFC 8259: JSON between systems is UTF-8; other encodings are refused, not guessed.
-        parsed = json.loads(body.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ApiError(400, "Request body is not valid UTF-8 text") from None
-    except ValueError as error:
-        raise ApiError(400, f"Request body is not valid JSON: {error}") from None
-    except RecursionError:
-        raise ApiError(400, "Request body is nested too deeply to be read as JSON") from None
-    if not isinstance(parsed, dict):
-        raise ApiError(400, f"Request body must be a JSON object, got {json_type(parsed)}")
-    return parsed
-
-
-def json_type(value: Any) -> str:
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
-             int: "a number", float: "a number", type(None): "null"}
-    return names.get(type(value), type(value).__name__)
-
-
-def require_field(body: dict[str, Any], field: str) -> Any:
-    if field not in body:
-        raise ApiError(400, f"Missing field {field!r} in the JSON body")
-    return body[field]
-
-
-def validate_text(value: Any, where: str) -> str:
-    if not isinstance(value, str):
-        raise ApiError(400, f"{where} must be a string, got {json_type(value)}")
-    if not value.strip():
-        raise ApiError(400, f"{where} is empty: send some text to embed")
-    limit = settings().max_text_length
-    if len(value) > limit:
-        raise ApiError(413, f"{where} has {len(value)} characters; the limit is {limit} (MAX_TEXT_LENGTH)")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ApiError(400, f"{where} holds an unpaired surrogate (\\ud800-\\udfff), which is not text") from None
-    return value
-
-
-def validate_list(value: Any, where: str, described: str, noun: str, limit: int, limit_name: str) -> list[Any]:
-    """A non-empty JSON array of at most `limit` items, or a 400 that says which rule it broke."""
-    if not isinstance(value, list):
-        raise ApiError(400, f"{where} must be an array of {described}, got {json_type(value)}")
-    if not value:
-        raise ApiError(400, f"{where} is empty: send at least one {noun}")
-    if len(value) > limit:
-        raise ApiError(400, f"{where} has {len(value)} {noun}s; the limit is {limit} ({limit_name})")
-    return value
-
-
-def validate_text_list(value: Any, where: str) -> list[str]:
-    texts = validate_list(value, where, "strings", "text", settings().max_texts_per_batch, "MAX_TEXTS_PER_BATCH")
-    return [validate_text(item, f"{where}[{index}]") for index, item in enumerate(texts)]
-
-
-def validate_image_string(value: Any, where: str) -> bytes:
-    """The image bytes of a base64 string or data URI."""
-    if not isinstance(value, str):
-        raise ApiError(400, f"{where} must be a base64 string or data URI, got {json_type(value)}")
-    with image_errors(where):
-        return decode_base64_image(value, settings().max_image_size)
-
-
-def validate_image_list(value: Any, where: str) -> list[bytes]:
-    images = validate_list(value, where, "base64 strings or data URIs", "image",
-                           settings().max_images_per_batch, "MAX_IMAGES_PER_BATCH")
-    return [validate_image_string(item, f"{where}[{index}]") for index, item in enumerate(images)]
-
-
-def read_uploaded_image(field: str) -> bytes:
-    """The bytes of the file uploaded in a multipart form field."""
-    upload = request.files.get(field)
-    if upload is None:
-        if field in request.form:
-            raise ApiError(400, f"Form field {field!r} is text, not a file: upload the file with "
-                                f"-F {field}=@picture.jpg, or send JSON {{\"{field}\": \"<base64>\"}}")
-        raise ApiError(400, f"Missing file field {field!r} in the multipart form: upload it with "
-                            f"-F {field}=@picture.jpg")
-    limit = settings().max_image_size
-    with image_errors(field):
-        # One byte over the limit is enough to know the file is too large.
-        return check_byte_size(upload.stream.read(limit + 1), limit)
-
-
-@contextmanager
-def image_errors(where: str, in_batch: bool = False) -> Iterator[None]:
-    """Turn an unusable image into a 400, or a 413 when it is over a limit, naming where it was."""
-    try:
-        yield
-    except ImageInputError as error:
-        if in_batch and error.index is not None:
-            where = f"{where}[{error.index}]"
-        status = 413 if isinstance(error, ImageTooLargeError) else 400
-        raise ApiError(status, f"{where} {error}") from None
-
-
-def is_multipart() -> bool:
-    return request.mimetype == "multipart/form-data"
+api.before_request(require_api_key)
 
 
 # --- admission --------------------------------------------------------------
@@ -274,42 +115,38 @@ def metrics():
 @api.post("/embeddings")
 def embed_text():
     text = validate_text(require_field(read_json_object(), "text"), "text")
-    result = embedding_service().embed_texts([text])
-    count_work(tokens=result.token_count)
+    tokenized = tokenize_within_limits([text], ["text"])
+    result = embed_tokenized(tokenized)
     return jsonify(embeddings=[result.vectors[0]])
 
 
 @api.post("/embeddings/batch")
 def embed_text_batch():
     texts = validate_text_list(require_field(read_json_object(), "texts"), "texts")
-    result = embedding_service().embed_texts(texts)
-    count_work(tokens=result.token_count)
+    tokenized = tokenize_within_limits(texts, places("texts", len(texts)))
+    result = embed_tokenized(tokenized)
     return jsonify(embeddings=[[vector] for vector in result.vectors])
 
 
 @api.post("/embeddings/image")
 def embed_image():
-    embedding_service().require_image_support()
+    require_image_support()
     if is_multipart():
         image = read_uploaded_image("image")
     else:
         image = validate_image_string(require_field(read_json_object(), "image"), "image")
-    with image_errors("image"):
-        vectors = embedding_service().embed_images([image])
-    count_work(images=1)
+    vectors = embed_images([image], ["image"])
     return jsonify(embeddings=[vectors[0]])
 
 
 @api.post("/embeddings/image/batch")
 def embed_image_batch():
-    embedding_service().require_image_support()
+    require_image_support()
     if is_multipart():
         raise ApiError(400, "The batch route takes JSON {\"images\": [\"<base64>\", ...]}; upload single files "
                             "with multipart to /embeddings/image")
     images = validate_image_list(require_field(read_json_object(), "images"), "images")
-    with image_errors("images", in_batch=True):
-        vectors = embedding_service().embed_images(images)
-    count_work(images=len(images))
+    vectors = embed_images(images, places("images", len(images)))
     return jsonify(embeddings=[[vector] for vector in vectors])
 
 
@@ -366,7 +203,8 @@ def handle_model_unavailable(error: ModelUnavailableError):
 
 
 def handle_images_not_supported(error: ImagesNotSupportedError):
-    return error_response(501, str(error))
+    # The routes check first and name the image; this answers the same should one not.
+    return handle_api_error(text_only_model_error())
 
 
 def handle_too_large(error: RequestEntityTooLarge):
@@ -406,12 +244,6 @@ class VectorJSONProvider(DefaultJSONProvider):
         return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY).decode("utf-8")
 
 
-def record_batch(app_metrics: Metrics, stats: BatchStats) -> None:
-    app_metrics.batch_requests.observe(stats.jobs)
-    app_metrics.batch_windows.observe(stats.windows)
-    app_metrics.queue_depth.set(stats.still_queued)
-
-
 def create_app(app_settings: Settings | None = None, service: EmbeddingService | None = None) -> Flask:
     """Build the app; the model starts loading in the background unless a service is passed in."""
     app_settings = app_settings or load_settings()
@@ -434,11 +266,7 @@ def create_app(app_settings: Settings | None = None, service: EmbeddingService |
     app.extensions["bodies_in_flight"] = Budget(app_settings.max_request_bytes_in_flight)
     app.before_request(admit_request_body)
     app.teardown_request(release_request_body)
-    service.observe_batches(lambda stats: record_batch(app_metrics, stats))
-    service.observe_load(app_metrics.record_load)
-    # Imported here because both modules build on this one's helpers.
-    from api_docs import docs
-    from openai_api import openai_api
+    observability.watch_model(service, app_metrics)
     app.register_blueprint(health)
     app.register_blueprint(api)
     app.register_blueprint(openai_api, url_prefix=OPENAI_PREFIX)

@@ -19,7 +19,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client import multiprocess
 
 if TYPE_CHECKING:
-    from service import LoadReport
+    from batcher import BatchStats
+    from service import EmbeddingService, LoadReport
 
 request_logger = logging.getLogger("embedder.requests")
 
@@ -70,6 +71,11 @@ class Metrics:
         self.engine = Gauge("embedder_engine_info", "1 for the inference engine and precision serving the model",
                             ["engine", "precision"], multiprocess_mode="max", registry=registry)
 
+    def record_batch(self, stats: BatchStats) -> None:
+        self.batch_requests.observe(stats.jobs)
+        self.batch_windows.observe(stats.windows)
+        self.queue_depth.set(stats.still_queued)
+
     def record_load(self, report: LoadReport) -> None:
         """Set when the model has loaded (service.LoadReport), not when /metrics is scraped."""
         self.model_load_seconds.set(report.load_seconds)
@@ -116,6 +122,12 @@ def install(app: Flask, metrics: Metrics) -> None:
     """Time and log every request, and count it in the metrics."""
     app.before_request(_start_request)
     app.after_request(lambda response: _finish_request(metrics, response))
+
+
+def watch_model(service: EmbeddingService, metrics: Metrics) -> None:
+    """Record every model batch, and the load once the model has loaded."""
+    service.observe_batches(metrics.record_batch)
+    service.observe_load(metrics.record_load)
 
 
 def count_work(tokens: int = 0, images: int = 0) -> None:

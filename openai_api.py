@@ -2,23 +2,28 @@
 
 They let the official OpenAI client, and frameworks built on it, use this
 service by changing only the base URL and the key. Requests are read and
-validated with main.py's helpers; errors use OpenAI's envelope (main.py picks
-it for every path under /v1).
+validated with http_common.py, as the service's own routes are; errors use
+OpenAI's envelope (main.py picks it for every path under /v1).
 """
 from __future__ import annotations
 
 import base64
 from contextlib import contextmanager
-from typing import Any, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 from flask import Blueprint, jsonify
 
-from image_embeddings import ImageInputError
-from main import (ApiError, embedding_service, image_errors, json_type, read_json_object, require_api_key,
-                  require_field, settings, validate_image_string, validate_text)
-from observability import count_work
+from embeddings import TokenizedText
+from http_common import (ApiError, check_image_count, check_text_count, check_text_tokens, embed_images,
+                         embed_tokenized, embedding_service, json_type, read_json_object, require_api_key,
+                         require_field, require_image_support, settings, token_ids_within_limits,
+                         tokenize_within_limits, validate_image_string, validate_text)
 from model_locator import hub_id, served_model_id
+
+# Routes under this prefix speak the OpenAI API, errors included.
+OPENAI_PREFIX = "/v1"
 
 openai_api = Blueprint("openai", __name__)
 openai_api.before_request(require_api_key)
@@ -85,38 +90,61 @@ def is_token_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def validate_input(value: Any) -> list[str] | list[list[int]]:
-    """`input` as a list of texts or a list of token id lists, per OpenAI's four accepted shapes."""
+@dataclass(frozen=True)
+class Input:
+    """`input`'s items by their index in it: texts or token id lists, and images (CLIP models)."""
+    texts: dict[int, str] = field(default_factory=dict)
+    token_ids: dict[int, list[int]] = field(default_factory=dict)
+    images: dict[int, bytes] = field(default_factory=dict)
+    single: bool = False  # one string or one list of token ids: errors name it "input"
+
+    def place(self, index: int) -> str:
+        return item_place(index, self.single)
+
+    def places(self, indexes: Iterable[int]) -> list[str]:
+        return [self.place(index) for index in indexes]
+
+
+def validate_input(value: Any) -> Input:
+    """`input` in one of OpenAI's four shapes, within the limits of the service's own routes."""
     if isinstance(value, str):
-        return [validate_text_or_image(value, "input")]
+        return validate_strings([value], single=True)
     if not isinstance(value, list):
         raise ApiError(400, "input must be a string, an array of strings, an array of token ids or an array of "
                             f"arrays of token ids, got {json_type(value)}")
     if not value:
         raise ApiError(400, "input is an empty array: send at least one text or token")
     if all(is_token_id(item) for item in value):
-        return [validate_token_ids(value, "input")]
-    limit = settings().max_texts_per_batch
-    if len(value) > limit:
-        raise ApiError(400, f"input has {len(value)} items; the limit is {limit} (MAX_TEXTS_PER_BATCH)")
+        return Input(token_ids={0: validate_token_ids(value, "input")}, single=True)
     if all(isinstance(item, list) for item in value):
-        return [validate_token_ids(item, f"input[{index}]") for index, item in enumerate(value)]
+        check_text_count(len(value), "input")
+        return Input(token_ids={index: validate_token_ids(item, f"input[{index}]") for index, item in enumerate(value)})
     if all(isinstance(item, str) for item in value):
-        return [validate_text_or_image(item, f"input[{index}]") for index, item in enumerate(value)]
+        return validate_strings(value, single=False)
     raise ApiError(400, "input mixes kinds of items: send all strings, all token ids or all arrays of token ids")
 
 
-def validate_text_or_image(value: str, where: str) -> str:
-    # Image data URIs are far longer than texts may be; split_images checks them against the image limits.
-    return value if is_image_data_uri(value) else validate_text(value, where)
+def item_place(index: int, single: bool) -> str:
+    return "input" if single else f"input[{index}]"
+
+
+def validate_strings(items: list[str], single: bool) -> Input:
+    """Texts and, with a CLIP model, image data URIs: at most MAX_TEXTS_PER_BATCH and MAX_IMAGES_PER_BATCH."""
+    image_indexes = [index for index, item in enumerate(items) if is_image_data_uri(item)]
+    if image_indexes:
+        require_image_support(item_place(image_indexes[0], single))
+    check_text_count(len(items) - len(image_indexes), "input")
+    check_image_count(len(image_indexes), "input")
+    images = {index: validate_image_string(items[index], item_place(index, single)) for index in image_indexes}
+    texts = {index: validate_text(item, item_place(index, single)) for index, item in enumerate(items)
+             if index not in images}
+    return Input(texts=texts, images=images, single=single)
 
 
 def validate_token_ids(value: list[Any], where: str) -> list[int]:
     if not value:
         raise ApiError(400, f"{where} is an empty array of token ids: send at least one token")
-    limit = settings().max_text_length
-    if len(value) > limit:
-        raise ApiError(413, f"{where} has {len(value)} tokens; the limit is {limit} (MAX_TEXT_LENGTH)")
+    check_text_tokens(len(value), where)
     vocabulary_size = embedding_service().vocabulary_size()
     for index, token in enumerate(value):
         if not is_token_id(token) or not 0 <= token < vocabulary_size:
@@ -125,58 +153,30 @@ def validate_token_ids(value: list[Any], where: str) -> list[int]:
     return value
 
 
-# --- images (CLIP models) ---------------------------------------------------
-
 def is_image_data_uri(item: Any) -> bool:
     return isinstance(item, str) and item[:len(IMAGE_DATA_URI_PREFIX)].lower() == IMAGE_DATA_URI_PREFIX
 
 
-def split_images(items: list[str]) -> dict[int, bytes]:
-    """The image items of a text input, by index; a 400 when the model takes no images."""
-    image_indexes = [index for index, item in enumerate(items) if is_image_data_uri(item)]
-    if image_indexes and not embedding_service().supports_images():
-        raise ApiError(400, f"input[{image_indexes[0]}] is an image, but the model "
-                            f"{served_model_id(settings().embedding_model)!r} embeds text only")
-    return {index: validate_image_string(items[index], f"input[{index}]") for index in image_indexes}
-
-
-def embed_image_items(images: dict[int, bytes]) -> list[np.ndarray]:
-    """One vector per image item; an unusable image is a 400/413 naming its place in input."""
-    positions = list(images)
-    with image_errors("input", in_batch=True):
-        try:
-            return embedding_service().embed_images(list(images.values()))
-        except ImageInputError as error:
-            # The service numbers the images alone; the client needs the item's place among all inputs.
-            error.index = positions[error.index] if error.index is not None else None
-            raise
-
-
 # --- embedding --------------------------------------------------------------
 
-def embed_input(items: list[str] | list[list[int]]) -> tuple[list[np.ndarray], int]:
-    """One vector per item in input order, and the tokens processed."""
-    service = embedding_service()
-    if items and isinstance(items[0], list):
-        result = service.embed_token_ids(items)
-        count_work(tokens=result.token_count)
-        return result.vectors, result.token_count
-    images = split_images(items)
-    text_indexes = [index for index in range(len(items)) if index not in images]
-    vectors: list[np.ndarray | None] = [None] * len(items)
+def embed_input(items: Input) -> tuple[list[np.ndarray], int]:
+    """One vector per item in input order, and the tokens processed (images count none: usage is about text)."""
+    vectors: dict[int, np.ndarray] = {}
     token_count = 0
-    if text_indexes:
-        result = service.embed_texts([items[index] for index in text_indexes])
-        token_count += result.token_count
-        count_work(tokens=result.token_count)
-        for index, vector in zip(text_indexes, result.vectors):
-            vectors[index] = vector
-    if images:
-        # Images count no tokens: usage is about text.
-        for index, vector in zip(images, embed_image_items(images)):
-            vectors[index] = vector
-        count_work(images=len(images))
-    return vectors, token_count
+    if items.texts or items.token_ids:
+        result = embed_tokenized(tokenize_input(items))
+        vectors.update(zip([*items.texts, *items.token_ids], result.vectors))
+        token_count = result.token_count
+    if items.images:
+        vectors.update(zip(items.images, embed_images(list(items.images.values()), items.places(items.images))))
+    return [vectors[index] for index in sorted(vectors)], token_count
+
+
+def tokenize_input(items: Input) -> list[TokenizedText]:
+    """The texts, or token id lists, of input: tokenized once and held to the token limits before they are queued."""
+    if items.token_ids:
+        return token_ids_within_limits(list(items.token_ids.values()), items.places(items.token_ids))
+    return tokenize_within_limits(list(items.texts.values()), items.places(items.texts))
 
 
 def shorten(vector: np.ndarray, dimensions: int | None) -> np.ndarray:

@@ -35,13 +35,17 @@ def response(description: str, schema: dict[str, Any], headers: dict[str, Any] |
 def errors(error_schema: str, *statuses: int) -> dict[str, Any]:
     """The documented error responses of a route, all in one error schema."""
     meanings = {
-        400: "The request is malformed or a field is invalid; the message says which and why.",
+        400: "The request is malformed or a field is invalid, it has more texts or images than allowed "
+             "(MAX_TEXTS_PER_BATCH, MAX_IMAGES_PER_BATCH), or it sends an image to a model that embeds text "
+             "only; the message says which and why.",
         401: "Missing or invalid API key.",
         404: "Unknown model (code model_not_found).",
-        413: "The body, a text or an image is over its limit (MAX_REQUEST_SIZE, MAX_TEXT_LENGTH, MAX_IMAGE_SIZE).",
+        413: "The body, a text, the request's texts together or an image is over its limit: MAX_REQUEST_SIZE "
+             "bytes; MAX_TOKENS_PER_TEXT tokens of one text (MAX_TEXT_LENGTH characters, checked before "
+             "tokenizing); MAX_TOKENS_PER_REQUEST tokens of all texts; MAX_IMAGE_SIZE bytes or MAX_IMAGE_PIXELS "
+             "pixels of an image.",
         429: "The service is behind: the model's queue holds QUEUE_MAX_TOKENS tokens of work, or the worker "
              "handles MAX_REQUEST_BYTES_IN_FLIGHT bytes of bodies; retry after Retry-After seconds.",
-        501: "The served model embeds text only.",
         503: "The model is still loading or failed to load, did not answer within REQUEST_TIMEOUT_SECONDS, "
              "or its thread has ended (see GET /health).",
     }
@@ -118,13 +122,14 @@ SCHEMAS: dict[str, Any] = {
     "TextRequest": {
         "type": "object", "required": ["text"],
         "properties": {"text": {"type": "string", "minLength": 1,
-                                "description": "At most MAX_TEXT_LENGTH characters; longer than the model's "
-                                               "window is chunked and averaged."}},
+                                "description": "At most MAX_TOKENS_PER_TEXT tokens (8192 by default); longer "
+                                               "than the model's window is chunked and averaged."}},
     },
     "TextBatchRequest": {
         "type": "object", "required": ["texts"],
         "properties": {"texts": {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1},
-                                 "description": "At most MAX_TEXTS_PER_BATCH texts."}},
+                                 "description": "At most MAX_TEXTS_PER_BATCH texts of at most MAX_TOKENS_PER_TEXT "
+                                                "tokens each, and MAX_TOKENS_PER_REQUEST tokens in all."}},
     },
     "ImageRequest": {
         "type": "object", "required": ["image"],
@@ -158,7 +163,9 @@ SCHEMAS: dict[str, Any] = {
             "input": {
                 "description": "Texts or token ids of the served model's tokenizer. With a CLIP model a string "
                                "item that is an image data URI (data:image/...;base64,...) is embedded as an "
-                               "image. At most MAX_TEXTS_PER_BATCH items.",
+                               "image. The limits of the other routes: at most MAX_TEXTS_PER_BATCH texts (or "
+                               "token id lists) and MAX_IMAGES_PER_BATCH images, each text at most "
+                               "MAX_TOKENS_PER_TEXT tokens, all texts at most MAX_TOKENS_PER_REQUEST.",
                 "oneOf": [
                     {"type": "string", "minLength": 1},
                     {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
@@ -242,7 +249,7 @@ PATHS: dict[str, Any] = {
     "/embeddings/image": {"post": operation(
         "images", "embed_image", "Embed one image (CLIP models only)",
         {"200": response("The image's vector.", ref("Embeddings")),
-         **errors("Error", 400, 401, 413, 429, 501, 503)},
+         **errors("Error", 400, 401, 413, 429, 503)},
         PROTECTED,
         {"required": True, "content": {
             "application/json": {"schema": ref("ImageRequest")},
@@ -253,7 +260,7 @@ PATHS: dict[str, Any] = {
     "/embeddings/image/batch": {"post": operation(
         "images", "embed_image_batch", "Embed several images (CLIP models only)",
         {"200": response("One [vector] per image, in input order.", ref("BatchEmbeddings")),
-         **errors("Error", 400, 401, 413, 429, 501, 503)},
+         **errors("Error", 400, 401, 413, 429, 503)},
         PROTECTED, {"required": True, "content": json_content(ref("ImageBatchRequest"))})},
     "/v1/embeddings": {"post": operation(
         "openai", "create_embeddings", "OpenAI-compatible embeddings",
@@ -297,7 +304,7 @@ def openapi_document() -> dict[str, Any]:
         },
         "tags": [
             {"name": "embeddings", "description": "Text embeddings"},
-            {"name": "images", "description": "Image embeddings (CLIP models; 501 with a text-only model)"},
+            {"name": "images", "description": "Image embeddings (CLIP models; 400 with a text-only model)"},
             {"name": "openai", "description": "OpenAI-compatible API"},
             {"name": "health", "description": "Liveness, readiness and metrics"},
             {"name": "docs", "description": "This documentation"},

@@ -17,7 +17,7 @@ from PIL import Image
 import worker_registry
 from batcher import Batcher, BatchLimits, BatchStats
 from config import Settings
-from embeddings import TextEmbedder, TokenizedText
+from embeddings import TextEmbedder, TokenizedText, all_chunks
 from image_embeddings import ImageEmbedder
 from model_loading import LoadedModels, load_models
 
@@ -151,15 +151,32 @@ class EmbeddingService:
 
     def embed_texts(self, texts: Sequence[str]) -> EmbeddingResult:
         """One vector per text, in input order."""
-        text_embedder = self._ready_text_embedder()
-        self._batcher.ensure_room()
-        return self._embed_tokenized(text_embedder, text_embedder.tokenize(texts))
+        return self.embed_tokenized(self.tokenize(texts))
 
-    def embed_token_ids(self, token_id_lists: Sequence[Sequence[int]]) -> EmbeddingResult:
-        """One vector per list of the model's own token ids (chunked like text)."""
+    def tokenize(self, texts: Sequence[str]) -> list[TokenizedText]:
+        """Each text's token ids in the model's windows: tokenized once, to be counted and then embedded.
+
+        QueueFullError at once when the model's queue is full: a request that cannot be queued is not tokenized.
+        """
         text_embedder = self._ready_text_embedder()
         self._batcher.ensure_room()
-        return self._embed_tokenized(text_embedder, text_embedder.tokenized_from_ids(token_id_lists))
+        return text_embedder.tokenize(texts)
+
+    def tokenized_from_ids(self, token_id_lists: Sequence[Sequence[int]]) -> list[TokenizedText]:
+        """Texts given as lists of the model's own token ids, in windows like tokenized text."""
+        text_embedder = self._ready_text_embedder()
+        self._batcher.ensure_room()
+        return text_embedder.tokenized_from_ids(token_id_lists)
+
+    def embed_tokenized(self, texts: Sequence[TokenizedText]) -> EmbeddingResult:
+        """One vector per tokenized text (see tokenize), in input order.
+
+        Raises QueueFullError when the queue cannot take the texts' windows, RequestTimeoutError past the deadline.
+        """
+        text_embedder = self._ready_text_embedder()
+        window_vectors = self._batcher.encode(all_chunks(texts))
+        vectors = text_embedder.combine_all(texts, window_vectors)
+        return EmbeddingResult(vectors, sum(text_embedder.tokens_processed(text) for text in texts))
 
     def require_image_support(self) -> ImageEmbedder:
         """The image embedder; ModelNotReadyError while loading, ImagesNotSupportedError for a text-only model."""
@@ -205,12 +222,6 @@ class EmbeddingService:
         """Finish every accepted request, then stop the model thread."""
         if self._batcher is not None:
             self._batcher.stop()
-
-    def _embed_tokenized(self, text_embedder: TextEmbedder, texts: Sequence[TokenizedText]) -> EmbeddingResult:
-        # Raises QueueFullError when the queue is full, RequestTimeoutError past the request deadline.
-        window_vectors = self._batcher.encode([window for text in texts for window in text.chunks])
-        vectors = text_embedder.combine_all(texts, window_vectors)
-        return EmbeddingResult(vectors, sum(text_embedder.tokens_processed(text) for text in texts))
 
     def observe_load(self, observer: Callable[[LoadReport], None]) -> None:
         """Call observer once the model is loaded (at once if it already is), for metrics."""

@@ -572,7 +572,7 @@ def test_a_client_that_disconnects_does_not_break_the_batch(server, text_embedde
 
 def test_queue_deadline_and_body_settings_have_their_documented_defaults():
     settings = load_settings({})
-    assert settings.queue_max_tokens == 32768 and settings.request_timeout_seconds == 60
+    assert settings.queue_max_tokens == 65536 and settings.request_timeout_seconds == 60
     assert settings.max_request_bytes_in_flight == settings.max_request_size == 32 * 1024 * 1024
 
 

@@ -420,14 +420,14 @@ def test_worker_is_healthy_after_every_error(clip_server, clip_model):
 
 # --- a text-only model --------------------------------------------------------------
 
-def test_text_only_model_answers_501_naming_the_model(server):
+def test_text_only_model_answers_400_naming_the_model(server):
     assert requests.get(server.url + "/health/ready", timeout=10).json()["supports_images"] is False
     image = b64(encoded(two_colour_image()))
     for path, body in [("/embeddings/image", {"image": image}), ("/embeddings/image/batch", {"images": [image]})]:
-        message = error_of(post(server, path, json=body), 501)
+        message = error_of(post(server, path, json=body), 400)
         assert "all-MiniLM-L6-v2" in message and "clip-ViT-B-32" in message and "EMBEDDING_MODEL" in message
     response = post(server, "/embeddings/image", files={"image": ("a.png", b"x")})
-    assert response.status_code == 501
+    assert response.status_code == 400
 
 
 # --- a real CLIP model, when one is present --------------------------------------------

@@ -253,7 +253,7 @@ def test_an_internal_error_is_json_500_and_the_server_keeps_serving(server, load
     def broken(texts):
         raise RuntimeError("injected failure")
 
-    monkeypatch.setattr(loaded_service, "embed_texts", broken)
+    monkeypatch.setattr(loaded_service, "embed_tokenized", broken)
     response = post(server, "/embeddings", json={"text": "boom"})
     assert response.status_code == 500
     assert "Internal error" in response.json()["error"] and "injected" not in response.text

@@ -200,7 +200,7 @@ INVALID_BODIES = [
     ({"input": ["hi", "data:image/png;base64,iVBORw0KGgo="], "model": MODEL}, "input",
      "input[1] is an image, but the model 'all-MiniLM-L6-v2' embeds text only"),
     ({"input": "data:image/jpeg;base64," + "A" * 40_000, "model": MODEL}, "input",
-     "input[0] is an image, but the model 'all-MiniLM-L6-v2' embeds text only"),
+     "input is an image, but the model 'all-MiniLM-L6-v2' embeds text only"),
 ]
 
 
@@ -240,18 +240,18 @@ def test_unknown_route_and_wrong_method_under_v1(server):
 
 
 def test_limits_match_the_other_routes(server_with, text_embedder):
-    limited = server_with(max_texts_per_batch=3, max_text_length=50, max_request_size=2000)
+    limited = server_with(max_texts_per_batch=3, max_text_length=50, max_tokens_per_text=50, max_request_size=2000)
     assert_envelope(post_v1(limited, {"model": MODEL, "input": ["a", "b", "c", "d"]}), 400, "input",
-                    None, "input has 4 items; the limit is 3 (MAX_TEXTS_PER_BATCH)")
+                    None, "input has 4 texts; the limit is 3 (MAX_TEXTS_PER_BATCH)")
     assert_envelope(post_v1(limited, {"model": MODEL, "input": [[5]] * 4}), 400, "input", None,
                     "MAX_TEXTS_PER_BATCH")
     assert_envelope(post_v1(limited, {"model": MODEL, "input": "x" * 51}), 413, "input", None,
                     "input has 51 characters; the limit is 50 (MAX_TEXT_LENGTH)")
     assert_envelope(post_v1(limited, {"model": MODEL, "input": [[1000] * 51]}), 413, "input", None,
-                    "input[0] has 51 tokens; the limit is 50")
+                    "input[0] has 51 tokens; the limit is 50 (MAX_TOKENS_PER_TEXT)")
     assert_envelope(post_v1(limited, {"model": MODEL, "input": [1000] * 400}), 413, None, "request_too_large",
                     "larger than the limit of 2000 bytes")
-    # A single list of token ids is one input, however long (up to the text bound).
+    # A single list of token ids is one input, however long (up to the token limit).
     assert post_v1(limited, {"model": MODEL, "input": [1000] * 50}).status_code == 200
 
 
@@ -313,7 +313,7 @@ def test_unexpected_failure_is_500_in_the_envelope(server, loaded_service, monke
     def break_down(texts):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(loaded_service, "embed_texts", break_down)  # inject a failure
+    monkeypatch.setattr(loaded_service, "embed_tokenized", break_down)  # inject a failure
     error = assert_envelope(post_v1(server, {"model": MODEL, "input": "hi"}), 500, None, "internal_error",
                             "internal error")
     assert "disk on fire" not in error["message"]

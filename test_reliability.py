@@ -1,24 +1,30 @@
-"""Faults and overload against gunicorn itself: killed workers, SIGTERM, more work than the queue holds."""
+"""Faults and overload against gunicorn itself: killed workers, SIGTERM, more work than the queue holds.
+
+A fault is injected only once the server has said the request is in a worker (its 100 Continue,
+see conftest.start_request); no test sleeps to let something happen or asserts a time.
+"""
 from __future__ import annotations
 
-import os
 import itertools
+import json
+import os
 import signal
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pytest
 import requests
 
-from conftest import SAME_ENGINE_MIN_COSINE, assert_same_vectors, start_gunicorn
+from conftest import SAME_ENGINE_MIN_COSINE, assert_same_vectors, read_answer, start_gunicorn, start_request
 
 KEY = "reliability-key"
 AUTH = {"X-API-Key": KEY}
+JSON_AUTH = {**AUTH, "Content-Type": "application/json"}
 DOCUMENT = "Reliability means answering correctly or saying clearly why not. " * 70  # about 700 tokens
 # Two such documents wait per worker, besides the one in the model; a third is refused.
-OVERLOAD_QUEUE_TOKENS = "1500"
+# The request limits fit inside such a queue (config.py refuses start-up otherwise).
+OVERLOAD_LIMITS = {"QUEUE_MAX_TOKENS": "1500", "MAX_TOKENS_PER_REQUEST": "1500", "MAX_TOKENS_PER_TEXT": "1500"}
 
 
 @pytest.fixture
@@ -31,8 +37,7 @@ def gunicorn_server(tmp_path, models_dir):
 
 @pytest.fixture
 def overloadable_server(tmp_path, models_dir):
-    server = start_gunicorn(tmp_path, models_dir, VECTOR_EMBEDDER_API_KEY=KEY, QUEUE_MAX_TOKENS=OVERLOAD_QUEUE_TOKENS,
-                            THREADS="32")
+    server = start_gunicorn(tmp_path, models_dir, VECTOR_EMBEDDER_API_KEY=KEY, THREADS="32", **OVERLOAD_LIMITS)
     server.wait_until_ready()
     yield server
     server.stop()
@@ -55,25 +60,20 @@ def test_a_killed_worker_is_replaced_and_readiness_follows(tmp_path, models_dir,
 
 def check_worker_replacement(gunicorn_server, text_embedder):
     [old_worker] = gunicorn_server.worker_pids()
-    in_flight = ThreadPoolExecutor(1)
-    request = in_flight.submit(requests.post, gunicorn_server.url + "/embeddings/batch",
-                               json={"texts": [DOCUMENT] * 40}, headers=AUTH, timeout=60)
-    time.sleep(0.5)  # the batch is being encoded when the worker dies
-    os.kill(old_worker, signal.SIGKILL)
-    with pytest.raises(requests.ConnectionError):
-        request.result()
-    in_flight.shutdown()
-    seen, deadline = [], time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            response = requests.get(gunicorn_server.url + "/health/ready", timeout=5)
-        except requests.ConnectionError:
-            continue
-        seen.append(response.json()["status"])
-        if response.status_code == 200:
-            break
-        time.sleep(0.05)
-    assert seen[-1] == "ready" and "loading" in seen, seen
+    body = json.dumps({"texts": [DOCUMENT] * 40}).encode()
+    with start_request(gunicorn_server.url, "/embeddings/batch", body, JSON_AUTH) as connection:
+        connection.sendall(body)  # to the worker thread that has the request: it is in flight when the worker dies
+        os.kill(old_worker, signal.SIGKILL)
+        with pytest.raises(ConnectionError):  # closed or reset, with no answer
+            read_answer(connection)
+    seen = []
+
+    def ready(answer) -> bool:
+        seen.append(answer.json()["status"])
+        return answer.status_code == 200
+
+    gunicorn_server.wait_for_readiness(ready, "ready again with a new worker")
+    assert "loading" in seen, seen
     [new_worker] = gunicorn_server.worker_pids()
     assert new_worker != old_worker
     response = requests.post(gunicorn_server.url + "/embeddings", json={"text": "back again"}, headers=AUTH, timeout=30)
@@ -83,21 +83,20 @@ def check_worker_replacement(gunicorn_server, text_embedder):
 
 def test_sigterm_lets_requests_in_flight_finish_correctly(gunicorn_server, text_embedder):
     texts = [DOCUMENT + str(n) for n in range(12)]
-
-    def call(text_batch):
-        return requests.post(gunicorn_server.url + "/embeddings/batch", json={"texts": text_batch},
-                             headers=AUTH, timeout=120)
-
-    with ThreadPoolExecutor(3) as pool:
-        futures = [pool.submit(call, texts[start:start + 4]) for start in (0, 4, 8)]
-        time.sleep(0.5)
-        gunicorn_server.process.send_signal(signal.SIGTERM)
-        answers = [future.result() for future in futures]
+    bodies = [json.dumps({"texts": texts[start:start + 4]}).encode() for start in (0, 4, 8)]
+    # Each request is in a worker thread (it has answered 100 Continue) when SIGTERM comes; the bodies come after.
+    connections = [start_request(gunicorn_server.url, "/embeddings/batch", body, JSON_AUTH) for body in bodies]
+    gunicorn_server.process.send_signal(signal.SIGTERM)
+    answers = []
+    for connection, body in zip(connections, bodies):
+        with connection:
+            connection.sendall(body)
+            answers.append(read_answer(connection))
     assert gunicorn_server.process.wait(60) == 0
-    for start, response in zip((0, 4, 8), answers):
-        assert response.status_code == 200
+    for start, (status, answer) in zip((0, 4, 8), answers):
+        assert status == 200, answer
         expected = text_embedder.embed(texts[start:start + 4])
-        assert_same_vectors([wrapped[0] for wrapped in response.json()["embeddings"]], expected,
+        assert_same_vectors([wrapped[0] for wrapped in json.loads(answer)["embeddings"]], expected,
                             SAME_ENGINE_MIN_COSINE)
 
 
