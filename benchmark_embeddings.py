@@ -29,7 +29,7 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -43,7 +43,7 @@ IN_PROCESS_LENGTHS = (200, 500, 1000)
 LONE_QUERY_ROUNDS = 100
 CPU_FLAGS = ("avx2", "avx512_vnni", "avx512_bf16", "amx_bf16")
 FIDELITY_CORPUS = 1000
-FIDELITY_QUERIES = 500
+FIDELITY_QUERIES = 1000
 # The servers each comparison starts: name -> environment. "torch" is today's torch build with its
 # defaults (two workers of one thread on 2 cores); "openvino" the default build.
 COMPARISONS = {
@@ -64,16 +64,39 @@ def text_of_tokens(tokenizer, tokens: int, seed: int) -> str:
     return tokenizer.decode(tokenizer.token_ids([words])[0][:tokens])
 
 
+TOPICS = {
+    "cooking": "recipe oven garlic pasta sauce bread flour butter onion soup salad spice pan dough".split(),
+    "travel": "airport train ticket hotel passport luggage beach museum island flight visa map harbor".split(),
+    "finance": "invoice interest loan budget tax account refund payment mortgage pension stock bank".split(),
+    "health": "doctor fever vaccine sleep diet muscle injury clinic therapy allergy blood heart".split(),
+    "computing": "router password laptop printer server backup browser keyboard update database cable".split(),
+    "nature": "river forest mountain storm garden glacier desert wolf eagle meadow volcano ocean".split(),
+    "music": "guitar concert piano melody drummer album choir festival violin lyrics orchestra song".split(),
+    "sport": "football marathon coach tennis swimmer stadium referee bicycle trophy season goal team".split(),
+}
+TEMPLATES = (
+    "How do I {verb} the {a} {b} before the {c}?",
+    "The {a} and the {b} were {adjective} after the {c}.",
+    "I need advice about a {adjective} {a}: the {b} keeps failing near the {c}.",
+    "Notes on {a}, {b} and {c}, written on a {adjective} day.",
+    "Why is my {a} so {adjective} when the {b} is next to the {c}?",
+    "A short guide to {verb} a {a} with a {b}.",
+)
+VERBS = "fix clean choose compare replace book cancel plan measure protect share find".split()
+ADJECTIVES = "slow expensive broken quiet crowded cold late noisy fragile bright strange tiny".split()
+
+
 def generated_texts(count: int, seed: int) -> list[str]:
-    """Sentences from a fixed vocabulary, for the nearest-neighbour fidelity check."""
+    """Texts of one to three sentences on eight topics, for the nearest-neighbour fidelity check."""
     rng = np.random.default_rng(seed)
-    nouns = WORDS + ("doctor teacher river car bicycle phone computer garden city painting song storm "
-                     "recipe invoice contract hospital school airport train").split()
-    verbs = "builds repairs describes crosses visits paints sells studies opens closes follows explains".split()
-    adjectives = "old new red quiet busy distant broken famous hidden modern small large".split()
-    return [f"The {rng.choice(adjectives)} {rng.choice(nouns)} {rng.choice(verbs)} the {rng.choice(adjectives)} "
-            f"{rng.choice(nouns)} near the {rng.choice(nouns)} in {rng.choice(['spring', 'winter', 'the night'])}."
-            for _ in range(count)]
+    texts = []
+    for _ in range(count):
+        words = TOPICS[rng.choice(list(TOPICS))]
+        sentences = [rng.choice(TEMPLATES).format(verb=rng.choice(VERBS), adjective=rng.choice(ADJECTIVES),
+                                                  a=rng.choice(words), b=rng.choice(words), c=rng.choice(words))
+                     for _ in range(rng.integers(1, 4))]
+        texts.append(" ".join(sentences))
+    return texts
 
 
 def short_queries(count: int) -> list[str]:
@@ -147,21 +170,29 @@ def in_process_table(embedder, runs: int) -> list[dict]:
 
 
 def in_process(settings, runs: int) -> dict:
-    """Each engine on one thread and on every core, in one run."""
+    """Each engine on one thread and on every core, each in a fresh process of its own.
+
+    A process of its own, because one engine's idle threads (torch's spinning OpenMP threads,
+    OpenVINO's pinned ones) slow the other down when both live in one process.
+    """
+    from multiprocessing import get_context
+
     from config import available_cpus
-    from model_loading import load_exported_models, load_torch_models
     results = {}
-    for threads in sorted({1, available_cpus()}):
-        engines = {"torch": load_torch_models(replace(settings, engine="torch", engine_threads=threads)),
-                   "openvino": load_exported_models(replace(settings, engine_threads=threads))}
-        for name, models in engines.items():
-            if name == "torch":
-                import torch
-                torch.set_num_threads(threads)
-            results[f"{name}, {threads} thread{'s' if threads > 1 else ''}"] = {
-                "engine": name, "threads": threads, "precision": models.precision,
-                "rows": in_process_table(models.text, runs)}
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
+        for threads in sorted({1, available_cpus()}):
+            for engine in ("torch", "openvino"):
+                name = f"{engine}, {threads} thread{'s' if threads > 1 else ''}"
+                results[name] = pool.submit(engine_table, settings, engine, threads, runs).result()
     return results
+
+
+def engine_table(settings, engine: str, threads: int, runs: int) -> dict:
+    """The upstream table on one engine and thread count (run in a process of its own)."""
+    from model_loading import load_models
+    models = load_models(replace(settings, engine="torch" if engine == "torch" else "auto", engine_threads=threads))
+    return {"engine": engine, "threads": threads, "precision": models.precision,
+            "rows": in_process_table(models.text, runs)}
 
 
 def fidelity(settings) -> dict:
@@ -175,18 +206,24 @@ def fidelity(settings) -> dict:
     folder = locate_export(settings.embedding_model, settings.models_dir, EXPORT_ENGINE, MANIFEST_FILE)
     probes = self_check(engine_models.text, engine_models.images, Manifest.read(folder), folder)
     corpus, queries = generated_texts(FIDELITY_CORPUS, seed=1), generated_texts(FIDELITY_QUERIES, seed=2)
-    neighbours = {}
-    for name, models in (("torch", torch_models), ("engine", engine_models)):
-        corpus_vectors = unit_rows(np.stack(models.text.embed(corpus)))
-        query_vectors = unit_rows(np.stack(models.text.embed(queries)))
-        neighbours[name] = np.argmax(query_vectors @ corpus_vectors.T, axis=1)
-        if name == "engine":
-            torch_corpus = unit_rows(np.stack(torch_models.text.embed(corpus)))
-            corpus_cosines = cosine_rows(corpus_vectors, torch_corpus)
-    agreement = float(np.mean(neighbours["torch"] == neighbours["engine"]))
-    return {"precision": engine_models.precision, "probe_min_cosine": probes.text_min_cosine,
-            "corpus_min_cosine": float(corpus_cosines.min()), "corpus_median_cosine": float(np.median(corpus_cosines)),
-            "corpus": FIDELITY_CORPUS, "queries": FIDELITY_QUERIES, "nearest_neighbour_agreement": agreement}
+
+    def vectors(models) -> tuple[np.ndarray, np.ndarray]:
+        return unit_rows(np.stack(models.text.embed(corpus))), unit_rows(np.stack(models.text.embed(queries)))
+
+    torch_corpus, torch_queries = vectors(torch_models)
+    torch_neighbours = np.argmax(torch_queries @ torch_corpus.T, axis=1)
+    result = {"precision": engine_models.precision, "probe_min_cosine": probes.text_min_cosine,
+              "corpus": FIDELITY_CORPUS, "queries": FIDELITY_QUERIES, "agreement_by_precision": {}}
+    f32_models = load_exported_models(replace(settings, engine_precision="f32"))
+    for models in ([engine_models, f32_models] if engine_models.precision != "f32" else [engine_models]):
+        engine_corpus, engine_queries = vectors(models)
+        neighbours = np.argmax(engine_queries @ engine_corpus.T, axis=1)
+        result["agreement_by_precision"][models.precision] = float(np.mean(neighbours == torch_neighbours))
+        if models is engine_models:
+            cosines = cosine_rows(engine_corpus, torch_corpus)
+            result.update(corpus_min_cosine=float(cosines.min()), corpus_median_cosine=float(np.median(cosines)),
+                          nearest_neighbour_agreement=result["agreement_by_precision"][models.precision])
+    return result
 
 
 def unit_rows(vectors: np.ndarray) -> np.ndarray:
@@ -451,7 +488,9 @@ def print_report(report: dict) -> None:
     print(f"\nFidelity ({fidelity['precision']} against torch fp32): probe set min cosine "
           f"{fidelity['probe_min_cosine']:.6f}; {fidelity['corpus']} generated texts min cosine "
           f"{fidelity['corpus_min_cosine']:.6f}, median {fidelity['corpus_median_cosine']:.6f}; nearest neighbour "
-          f"of {fidelity['queries']} queries equal to torch's: {100 * fidelity['nearest_neighbour_agreement']:.1f}%")
+          f"of {fidelity['queries']} queries equal to torch's: "
+          + ", ".join(f"{100 * share:.1f}% at {precision}"
+                      for precision, share in fidelity["agreement_by_precision"].items()))
     lone = report["http"]["lone_query_p50_ms"]
     print("\nOne short query alone over HTTP, p50 over " + str(LONE_QUERY_ROUNDS) + " rounds taking turns: "
           + ", ".join(f"{mode} {ms:.1f} ms" for mode, ms in lone.items()))

@@ -183,7 +183,8 @@ def text_embedder(loaded_service):
 @pytest.fixture(scope="session")
 def torch_service(test_settings) -> EmbeddingService:
     """The bundled model on the torch fallback engine (ENGINE=torch)."""
-    with running_service(replace(test_settings, engine="torch")) as service:
+    # The torch engine's own defaults on 2 cores: two workers of one thread each.
+    with running_service(replace(test_settings, engine="torch", workers=2, engine_threads=1)) as service:
         yield service
 
 

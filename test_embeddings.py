@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +74,21 @@ def test_the_fast_tokenizer_gives_transformers_ids(embedder, reference_model):
     assert ours == theirs
     assert embedder.vocabulary_size == len(reference_model.tokenizer)
     assert embedder.tokenizer.pad_id == reference_model.tokenizer.pad_token_id
+
+
+def test_the_torch_engine_runs_on_its_share_of_the_cores(torch_service):
+    # Two workers of one thread on 2 cores: more would fight over the cores. The count is per thread in
+    # torch (OpenMP), so it is read in a fresh thread that runs a forward pass, as the model thread does.
+    engine, seen = torch_service._ready_text_embedder().encoder, []
+
+    def forward_pass() -> None:
+        engine.encode_text(np.array([[101, 7592, 102]]), np.ones((1, 3), dtype=np.int64))
+        seen.append(torch.get_num_threads())
+
+    thread = threading.Thread(target=forward_pass)
+    thread.start()
+    thread.join()
+    assert seen == [1] == [torch_service.settings.engine_threads]
 
 
 def test_chunk_token_ids_makes_consecutive_windows():

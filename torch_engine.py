@@ -48,6 +48,10 @@ class TorchEngine:
         return self._sentence_embeddings({"pixel_values": torch.from_numpy(pixel_values), "modality": "image"})
 
     def _sentence_embeddings(self, features: dict) -> np.ndarray:
+        # torch's thread count is kept per calling thread (OpenMP), so it is set in the thread that
+        # runs the forward passes, not in the one that loaded the model.
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
         with torch.inference_mode():
             return self.model(features)["sentence_embedding"].float().numpy()
 
