@@ -399,8 +399,10 @@ def lone_query(servers: dict[str, ServerRun], rounds: int) -> dict:
     return {mode: 1000 * float(np.median(values)) for mode, values in timings.items()}
 
 
-def http_runs(embedder, url: str | None, compare: str, duration: float, max_requests: int, extra_env: dict) -> dict:
-    """Every scenario against each server in turn, so the servers compared meet the same conditions."""
+def http_runs(embedder, url: str | None, compare: str, duration: float, max_requests: int, extra_env: dict,
+              rounds: int) -> dict:
+    """Every scenario against each server in turn, `rounds` times, so the servers compared meet the same
+    conditions; each figure is the median of its rounds (the machine's drift moves single runs by 25%)."""
     modes = {"external": None} if url else COMPARISONS[compare]
     servers: dict[str, ServerRun] = {}
     try:
@@ -409,8 +411,12 @@ def http_runs(embedder, url: str | None, compare: str, duration: float, max_requ
         lone = lone_query(servers, LONE_QUERY_ROUNDS)
         rows: dict[str, list[dict]] = {mode: [] for mode in servers}
         for scenario in scenarios(embedder):
-            for mode, server in servers.items():
-                rows[mode].append(run_load(server.url, scenario, duration, max_requests))
+            runs: dict[str, list[dict]] = {mode: [] for mode in servers}
+            for _ in range(rounds):
+                for mode, server in servers.items():
+                    runs[mode].append(run_load(server.url, scenario, duration, max_requests))
+            for mode in servers:
+                rows[mode].append(median_row(runs[mode]))
     finally:
         for server in servers.values():
             server.stop()
@@ -419,6 +425,17 @@ def http_runs(embedder, url: str | None, compare: str, duration: float, max_requ
                              "peak_rss_mb": server.peak_rss_mb or None, "rows": rows[mode],
                              "readiness": server.readiness}
                       for mode, server in servers.items()}}
+
+
+def median_row(runs: list[dict]) -> dict:
+    """The median of each figure over the rounds of one scenario; errors are added up."""
+    row = dict(runs[0])
+    for key in ("requests_per_s", "tokens_per_s", "p50_ms", "p95_ms", "p99_ms"):
+        row[key] = float(np.median([run[key] for run in runs]))
+    row["requests"], row["errors"], row["rounds"] = (sum(run["requests"] for run in runs),
+                                                     sum(run["errors"] for run in runs), len(runs))
+    row["requests_per_s_rounds"] = [round(run["requests_per_s"], 1) for run in runs]
+    return row
 
 
 # --- targets -------------------------------------------------------------------
@@ -435,7 +452,7 @@ def targets(report: dict) -> list[dict]:
             checks.append({"target": name, "measured": None, "bound": target, "met": None})
             return
         passed = measured >= target if higher_is_better else measured <= target
-        checks.append({"target": name, "measured": round(measured, 4), "bound": target, "met": bool(passed)})
+        checks.append({"target": name, "measured": round(measured, 6), "bound": target, "met": bool(passed)})
 
     local, flags = report["in_process"], report["machine"]["flags"]
     torch_rows, engine_rows = local["torch, 1 thread"]["rows"], local["openvino, 1 thread"]["rows"]
@@ -502,11 +519,11 @@ def print_report(report: dict) -> None:
         print(f"\nHTTP, {mode}: {serving.get('engine', '?')} {serving.get('precision', '?')} "
               f"(ready in {ready} from process start; peak memory of all serving processes {memory})")
         print(f"{'scenario':<18} {'clients':>7} {'req/s':>7} {'tokens/s':>9} {'p50 ms':>7} {'p95 ms':>7} "
-              f"{'p99 ms':>7} {'errors':>6}")
+              f"{'p99 ms':>7} {'errors':>6}  req/s of each round")
         for row in result["rows"]:
             print(f"{row['scenario']:<18} {row['clients']:>7} {row['requests_per_s']:>7.1f} "
                   f"{row['tokens_per_s']:>9.0f} {row['p50_ms']:>7.1f} {row['p95_ms']:>7.1f} {row['p99_ms']:>7.1f} "
-                  f"{row['errors']:>6}")
+                  f"{row['errors']:>6}  {row.get('requests_per_s_rounds', '')}")
     print(f"\nTargets (ratios from this run; CPU flags: {flags_text(info['flags'])})")
     for check in report["targets"]:
         verdict = {True: "MET ", False: "MISS", None: "n/a "}[check["met"]]
@@ -541,7 +558,9 @@ def main() -> int:
     parser.add_argument("--url", help="benchmark a running server instead of starting one (key: $BENCHMARK_API_KEY)")
     parser.add_argument("--compare", choices=sorted(COMPARISONS), default="engines",
                         help="the servers to start and compare (default: engines, torch against openvino)")
-    parser.add_argument("--duration", type=float, default=6.0, help="seconds per HTTP scenario (default 6)")
+    parser.add_argument("--duration", type=float, default=4.0, help="seconds per HTTP scenario and round (default 4)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="times each HTTP scenario runs on each server, taking turns; medians are reported")
     parser.add_argument("--max-requests", type=int, default=5000, help="requests per HTTP scenario at most")
     parser.add_argument("--runs", type=int, default=20, help="timed in-process runs per text (default 20)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON after the table")
@@ -566,7 +585,8 @@ def main() -> int:
     report["fidelity"] = fidelity(settings)
     from model_loading import load_exported_models
     embedder = load_exported_models(settings).text
-    report["http"] = http_runs(embedder, args.url, args.compare, args.duration, args.max_requests, extra_env)
+    report["http"] = http_runs(embedder, args.url, args.compare, args.duration, args.max_requests, extra_env,
+                               args.rounds)
     report["targets"] = targets(report)
     print_report(report)
     if args.json:
