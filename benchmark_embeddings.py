@@ -169,8 +169,9 @@ def in_process_table(embedder, runs: int) -> list[dict]:
     return rows
 
 
-def in_process(settings, runs: int) -> dict:
-    """Each engine on one thread and on every core, each in a fresh process of its own.
+def in_process(settings, runs: int, rounds: int) -> dict:
+    """Each engine on one thread and on every core, each in a fresh process of its own, `rounds` times
+    taking turns; each row is the median of its rounds.
 
     A process of its own, because one engine's idle threads (torch's spinning OpenMP threads,
     OpenVINO's pinned ones) slow the other down when both live in one process.
@@ -178,13 +179,28 @@ def in_process(settings, runs: int) -> dict:
     from multiprocessing import get_context
 
     from config import available_cpus
-    results = {}
+    tables: dict[str, list[dict]] = {}
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
-        for threads in sorted({1, available_cpus()}):
-            for engine in ("torch", "openvino"):
-                name = f"{engine}, {threads} thread{'s' if threads > 1 else ''}"
-                results[name] = pool.submit(engine_table, settings, engine, threads, runs).result()
-    return results
+        for _ in range(rounds):
+            for threads in sorted({1, available_cpus()}):
+                for engine in ("torch", "openvino"):
+                    name = f"{engine}, {threads} thread{'s' if threads > 1 else ''}"
+                    tables.setdefault(name, []).append(
+                        pool.submit(engine_table, settings, engine, threads, runs).result())
+    return {name: median_table(runs_of_one) for name, runs_of_one in tables.items()}
+
+
+def median_table(tables: list[dict]) -> dict:
+    """One engine's table with each row's figures the median over the rounds."""
+    table = dict(tables[0])
+    table["rows"] = []
+    for rows in zip(*(one["rows"] for one in tables)):
+        row = dict(rows[0])
+        for key in ("median_ms", "p95_ms", "tokens_per_s"):
+            row[key] = float(np.median([one[key] for one in rows]))
+        row["tokens_per_s_rounds"] = [round(one["tokens_per_s"]) for one in rows]
+        table["rows"].append(row)
+    return table
 
 
 def engine_table(settings, engine: str, threads: int, runs: int) -> dict:
@@ -495,12 +511,14 @@ def print_report(report: dict) -> None:
     print(f"Versions: python {info['python']}, openvino {info['openvino']}, torch {info['torch']}, "
           f"transformers {info['transformers']}, sentence-transformers {info['sentence-transformers']}; "
           f"model {report['model']}")
-    print("\nIn-process, one text per call (median of the runs)")
-    print(f"{'engine':<22} {'precision':>9} {'tokens':>7} {'chunks':>6} {'tokens/s':>9} {'median ms':>9} {'p95 ms':>7}")
+    print("\nIn-process, one text per call (median of the runs, then of the rounds)")
+    print(f"{'engine':<22} {'precision':>9} {'tokens':>7} {'chunks':>6} {'tokens/s':>9} {'median ms':>9} {'p95 ms':>7}"
+          f"  tokens/s of each round")
     for name, result in report["in_process"].items():
         for row in result["rows"]:
             print(f"{name:<22} {result['precision']:>9} {row['tokens']:>7} {row['chunks']:>6} "
-                  f"{row['tokens_per_s']:>9.0f} {row['median_ms']:>9.1f} {row['p95_ms']:>7.1f}")
+                  f"{row['tokens_per_s']:>9.0f} {row['median_ms']:>9.1f} {row['p95_ms']:>7.1f}  "
+                  f"{row.get('tokens_per_s_rounds', '')}")
     fidelity = report["fidelity"]
     print(f"\nFidelity ({fidelity['precision']} against torch fp32): probe set min cosine "
           f"{fidelity['probe_min_cosine']:.6f}; {fidelity['corpus']} generated texts min cosine "
@@ -562,7 +580,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3,
                         help="times each HTTP scenario runs on each server, taking turns; medians are reported")
     parser.add_argument("--max-requests", type=int, default=5000, help="requests per HTTP scenario at most")
-    parser.add_argument("--runs", type=int, default=20, help="timed in-process runs per text (default 20)")
+    parser.add_argument("--runs", type=int, default=10, help="timed in-process runs per text and round (default 10)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON after the table")
     parser.add_argument("--plot", metavar="PNG", help="draw throughput and latency against concurrency")
     parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
@@ -581,7 +599,7 @@ def main() -> int:
 
     report = {"model": settings.embedding_model, "machine": machine_info(),
               "settings": {key: value for key, value in asdict(settings).items() if key != "api_keys"}}
-    report["in_process"] = in_process(settings, args.runs)
+    report["in_process"] = in_process(settings, args.runs, args.rounds)
     report["fidelity"] = fidelity(settings)
     from model_loading import load_exported_models
     embedder = load_exported_models(settings).text

@@ -10,6 +10,7 @@ sentence-transformers model itself (torch_engine.py), imported only then.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,9 +71,11 @@ def load_exported_models(settings: Settings) -> LoadedModels:
     rejected = []
     for precision in precisions_to_try(settings.engine_precision):
         models = open_export(folder, manifest, precision, settings)
+        started = time.monotonic()
         result = self_check(models.text, models.images, manifest, folder)
         if result.passed:
-            logger.info("Self-check passed on %s %s: %s", models.engine, models.precision, result.summary)
+            logger.info("Self-check passed on %s %s in %.2f s: %s", models.engine, models.precision,
+                        time.monotonic() - started, result.summary)
             return LoadedModels(models.text, models.images, models.engine, models.precision, result.summary)
         logger.warning("Self-check failed on %s %s: %s", models.engine, models.precision, result.summary)
         rejected.append(f"{models.precision}: {'; '.join(result.failures[:3])}")
