@@ -38,6 +38,10 @@ class Settings:
     # Pixels in one decoded image, checked from the file header before decoding: a small
     # file can declare a huge picture (a decompression bomb). 50 MP covers phone cameras.
     max_image_pixels: int = 50_000_000
+    # Memory one image may take to decode, estimated from its header: a 48-megapixel PNG (about
+    # 230 MB) fits, a WebP of more than about 15 megapixels (17 bytes a pixel) does not. Two
+    # images decode at once, so a CLIP worker needs twice this beside its model.
+    max_image_decode_bytes: int = 256 * 1024 * 1024
     # Tokens in one text, as the model's tokenizer counts them (special tokens not included):
     # the OpenAI API's per-input limit, which clients already respect.
     max_tokens_per_text: int = 8192
@@ -47,7 +51,7 @@ class Settings:
     # core (2,400 tokens/s): well inside REQUEST_TIMEOUT_SECONDS.
     max_tokens_per_request: int = 32768
     # Characters in one text, checked before tokenizing so that no text costs much to tokenize
-    # (262,144 characters, about 0.25 s). 32 characters per token of MAX_TOKENS_PER_TEXT: English
+    # (262,144 characters took 0.1-0.7 s). 32 characters per token of MAX_TOKENS_PER_TEXT: English
     # runs 4 to 5, so only a text that is mostly white space or unsplittable words reaches it.
     max_text_length: int = 262_144
     # Bytes in one request body; Flask rejects larger bodies before reading them.
@@ -218,6 +222,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         max_images_per_batch=_positive_int(environ, "MAX_IMAGES_PER_BATCH", defaults.max_images_per_batch),
         max_image_size=_positive_int(environ, "MAX_IMAGE_SIZE", defaults.max_image_size),
         max_image_pixels=_positive_int(environ, "MAX_IMAGE_PIXELS", defaults.max_image_pixels),
+        max_image_decode_bytes=_positive_int(environ, "MAX_IMAGE_DECODE_BYTES", defaults.max_image_decode_bytes),
         max_text_length=_positive_int(environ, "MAX_TEXT_LENGTH", defaults.max_text_length),
         max_tokens_per_text=token_limits.max_tokens_per_text,
         max_tokens_per_request=token_limits.max_tokens_per_request,

@@ -34,7 +34,7 @@ from benchmark_embeddings import free_port  # noqa: E402
 from config import Settings  # noqa: E402
 from main import create_app  # noqa: E402
 from model_loading import LoadedModels, load_models  # noqa: E402
-from self_check import TEXT_MIN_COSINE, cosine_rows  # noqa: E402
+from self_check import MAX_NORM_RATIO_ERROR, TEXT_MIN_COSINE, cosine_rows  # noqa: E402
 from service import EmbeddingService  # noqa: E402
 
 TEST_API_KEY = "test-key"
@@ -52,6 +52,9 @@ def assert_same_vectors(actual, expected, min_cosine: float = TEXT_MIN_COSINE) -
     assert actual.shape == expected.shape
     cosines = cosine_rows(actual, expected)
     assert cosines.min() >= min_cosine, f"cosines {cosines} below {min_cosine}"
+    # Cosine cannot see a wrong length (a vector not normalised, or scaled): lengths must agree too.
+    np.testing.assert_allclose(np.linalg.norm(actual, axis=1), np.linalg.norm(expected, axis=1),
+                               rtol=MAX_NORM_RATIO_ERROR)
 
 
 @dataclass

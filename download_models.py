@@ -249,7 +249,7 @@ def prepare_models(settings: Settings, allow_download: bool) -> None:
 def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-download", action="store_true",
-                        help="never reach the model hub; bake only models found on this machine")
+                        help="bake only models found on this machine, unless ALLOW_MODEL_DOWNLOAD=true")
     return parser.parse_args(argv)
 
 
@@ -260,7 +260,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as error:
         print(f"Configuration error: {error}", file=sys.stderr)
         return 2
-    allow_download = not arguments.no_download
+    # ALLOW_MODEL_DOWNLOAD=true is the operator's explicit yes, which --no-download (make run's
+    # default, so that a missing model fails fast offline) does not overrule.
+    allow_download = settings.allow_model_download or not arguments.no_download
     try:
         prepare_models(settings, allow_download)
     except Exception as error:  # every failure ends the build with one readable line

@@ -185,12 +185,24 @@ def check_text_tokens(tokens: int, place: str) -> None:
         raise ApiError(413, f"{place} has {tokens} tokens; the limit is {limit} (MAX_TOKENS_PER_TEXT)")
 
 
+# The character guard of MAX_TEXT_LENGTH, for all texts of a request: characters per token allowed.
+CHARACTERS_PER_TOKEN_GUARD = 32
+
+
 def tokenize_within_limits(texts: Sequence[str], text_places: Sequence[str]) -> list[TokenizedText]:
     """Each text tokenized once, in order, to be counted against the limits and then embedded.
 
     Tokenizing stops at the first text past a limit, so a refused request costs about as
-    much as the largest accepted one, however much text it sent.
+    much as the largest accepted one, however much text it sent. All texts together are held to
+    32 characters per token of MAX_TOKENS_PER_REQUEST before any is tokenized: a hundred texts
+    that each pass the per-text guard but hold few tokens (long unsplittable strings) would
+    otherwise cost seconds of tokenizing.
     """
+    characters, limit = sum(map(len, texts)), CHARACTERS_PER_TOKEN_GUARD * settings().max_tokens_per_request
+    if characters > limit:
+        raise ApiError(413, f"The texts hold {characters} characters in all; the limit per request is {limit} "
+                            f"({CHARACTERS_PER_TOKEN_GUARD} characters per token of MAX_TOKENS_PER_REQUEST): "
+                            f"send them in several requests")
     counted, tokenized = RequestTokens(), []
     for text, place in zip(texts, text_places):
         [one] = embedding_service().tokenize([text])

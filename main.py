@@ -80,7 +80,7 @@ def release_request_body(_error: BaseException | None) -> None:
 def liveness():
     # 503 only when the model thread has ended or is stuck: a restart is what helps then.
     alive, body = embedding_service().liveness()
-    return jsonify(body), 200 if alive else 503
+    return jsonify(readiness_for_anyone(body)), 200 if alive else 503
 
 
 @health.get("/health/ready")
@@ -94,7 +94,7 @@ def readiness():
 
 
 def readiness_for_anyone(body: dict[str, Any]) -> dict[str, Any]:
-    """The readiness body without this machine's folders: the route needs no key, and the log has them."""
+    """A health body without this machine's folders: the routes need no key, and the log has them."""
     name = settings().embedding_model
     shown = dict(body)
     if "model" in shown:
@@ -197,7 +197,8 @@ def handle_request_timeout(error: RequestTimeoutError):
 
 
 def handle_model_unavailable(error: ModelUnavailableError):
-    return error_response(503, f"The model cannot serve requests now ({error}); retry in {LOADING_RETRY_AFTER} s, "
+    reason = without_local_paths(str(error), settings().embedding_model)
+    return error_response(503, f"The model cannot serve requests now ({reason}); retry in {LOADING_RETRY_AFTER} s, "
                                f"when this instance has been restarted or another one answers",
                           {"Retry-After": str(LOADING_RETRY_AFTER)}, code="model_unavailable")
 

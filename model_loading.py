@@ -59,7 +59,7 @@ def load_torch_models(settings: Settings, model: Any = None) -> LoadedModels:
     images = None
     if torch_engine.supports_images(model):
         images = ImageEmbedder(engine, torch_engine.image_preprocessing_of(model), settings.max_batch_size,
-                               settings.max_image_pixels)
+                               settings.max_image_pixels, settings.max_image_decode_bytes)
     return LoadedModels(text, images, engine.name, engine.precision)
 
 
@@ -102,7 +102,7 @@ def open_export(folder: Path, manifest: Manifest, precision: str, settings: Sett
     images = None
     if image_model is not None:
         images = ImageEmbedder(engine, ImagePreprocessing.from_dict(manifest.image_preprocessing),
-                               settings.max_batch_size, settings.max_image_pixels)
+                               settings.max_batch_size, settings.max_image_pixels, settings.max_image_decode_bytes)
     return LoadedModels(text, images, engine.name, engine.precision)
 
 

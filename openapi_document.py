@@ -42,8 +42,9 @@ def errors(error_schema: str, *statuses: int) -> dict[str, Any]:
         404: "Unknown model (code model_not_found).",
         413: "The body, a text, the request's texts together or an image is over its limit: MAX_REQUEST_SIZE "
              "bytes; MAX_TOKENS_PER_TEXT tokens of one text (MAX_TEXT_LENGTH characters, checked before "
-             "tokenizing); MAX_TOKENS_PER_REQUEST tokens of all texts; MAX_IMAGE_SIZE bytes or MAX_IMAGE_PIXELS "
-             "pixels of an image.",
+             "tokenizing); MAX_TOKENS_PER_REQUEST tokens of all texts (32 characters per token, checked "
+             "before tokenizing); MAX_IMAGE_SIZE bytes, MAX_IMAGE_PIXELS pixels or MAX_IMAGE_DECODE_BYTES of "
+             "decoding memory of an image.",
         429: "The service is behind: the model's queue holds QUEUE_MAX_TOKENS tokens of work, or the worker "
              "handles MAX_REQUEST_BYTES_IN_FLIGHT bytes of bodies; retry after Retry-After seconds.",
         503: "The model is still loading or failed to load, did not answer within REQUEST_TIMEOUT_SECONDS, "

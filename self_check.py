@@ -19,6 +19,9 @@ from manifest import Manifest, vectors_of
 
 TEXT_MIN_COSINE = 0.9999
 IMAGE_MIN_COSINE = 0.999
+# Cosine cannot see a vector's length: a manifest that says the model does not normalise, when
+# it does, would pass on direction alone. Lengths must agree this closely too.
+MAX_NORM_RATIO_ERROR = 1e-3
 
 
 @dataclass(frozen=True)
@@ -70,14 +73,20 @@ def _tokenizer_failures(text: TextEmbedder, manifest: Manifest) -> list[str]:
 
 def _compare(kind: str, names: list[str], vectors: list[np.ndarray], references: np.ndarray, threshold: float,
              failures: list[str]) -> float | None:
+    if not names:
+        failures.append(f"the manifest has no {kind}s: export the model again")
+        return None
     actual = np.asarray(vectors, dtype=np.float32)
     if actual.shape != references.shape:
         failures.append(f"{kind} vectors have shape {actual.shape}, the manifest's {references.shape}")
         return None
     cosines = cosine_rows(actual, references)
-    for name, cosine in zip(names, cosines):
+    norm_ratios = np.linalg.norm(actual, axis=1) / np.maximum(np.linalg.norm(references, axis=1), 1e-30)
+    for name, cosine, ratio in zip(names, cosines, norm_ratios):
         if not cosine >= threshold:  # NaN fails too
             failures.append(f"{kind} {name!r} has cosine {cosine:.6f} to its reference, below {threshold}")
+        elif not abs(ratio - 1) <= MAX_NORM_RATIO_ERROR:
+            failures.append(f"{kind} {name!r} is {ratio:.4f} times as long as its reference")
     return float(np.min(cosines))
 
 

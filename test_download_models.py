@@ -130,6 +130,18 @@ def test_a_failed_hub_download_exits_non_zero_with_a_clear_message(bake_environm
     assert [path.name for path in bake_environment.iterdir()] == []
 
 
+def test_allow_model_download_overrules_no_download(bake_environment, monkeypatch, capsys):
+    # make run passes --no-download; ALLOW_MODEL_DOWNLOAD=true (README: EMBEDDING_MODEL=clip-ViT-B-32 make run)
+    # must still reach for the hub. conftest's HF_HUB_OFFLINE=1 makes that attempt fail at once.
+    monkeypatch.setenv("EMBEDDING_MODEL", "no-such-model-anywhere")
+    monkeypatch.setenv("ALLOW_MODEL_DOWNLOAD", "true")
+
+    assert download_models.main(["--no-download"]) == 1
+
+    error = capsys.readouterr().err
+    assert "downloading it from the model hub failed" in error and "downloads from the model hub are off" not in error
+
+
 def test_a_bad_setting_exits_with_the_variable_named(bake_environment, monkeypatch, capsys):
     monkeypatch.setenv("MAX_BATCH_SIZE", "many")
 

@@ -64,7 +64,10 @@ def test_batch_output_equals_single_output_in_order(embedder):
     texts = ["first text", LONG_TEXT, "third, a little longer than the first", "fourth"]
     together = embedder.embed(texts)
     for text, vector in zip(texts, together):
-        assert_same_vectors(vector, embedder.embed([text])[0], SAME_ENGINE_MIN_COSINE)
+        alone = embedder.embed([text])[0]
+        assert_same_vectors(vector, alone, SAME_ENGINE_MIN_COSINE)
+        if embedder.encoder.precision == "f32":  # bf16's rounding depends on what else is in the pass
+            np.testing.assert_allclose(vector, alone, atol=1e-5)
 
 
 def test_the_fast_tokenizer_gives_transformers_ids(embedder, reference_model):

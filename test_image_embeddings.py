@@ -30,7 +30,7 @@ import requests
 from PIL import Image, ImageOps
 
 from conftest import (SAME_ENGINE_MIN_COSINE, TEST_API_KEY, assert_same_vectors, bake_and_export, running_service,
-                      start_live_server)
+                      servers_on, start_live_server)
 from config import Settings, SettingsError, load_settings
 from image_embeddings import ImageInputError, ImageTooLargeError, decode_base64_image, open_image, to_rgb
 from main import create_app
@@ -382,6 +382,18 @@ def test_decompression_bomb_is_413(clip_server, width, height):
     data = png_header_only(width, height)
     assert len(data) < 100
     assert "pixels" in error_of(post(clip_server, "/embeddings/image", json={"image": b64(data)}), 413)
+
+
+def test_an_image_that_takes_too_much_memory_to_decode_is_413(clip_settings):
+    # 300x300: WebP takes about 17 bytes a pixel to decode (1.5 MB), PNG about 5 (0.45 MB).
+    settings = replace(clip_settings, max_image_decode_bytes=1_000_000)
+    picture = two_colour_image((300, 300))
+    with running_service(settings) as service, servers_on(settings, service) as start:
+        live = start()
+        message = error_of(post(live, "/embeddings/image", json={"image": b64(encoded(picture, "WEBP"))}), 413)
+        assert post(live, "/embeddings/image", json={"image": b64(encoded(picture, "PNG"))}).status_code == 200
+    assert message.startswith("image is a 300x300 WEBP file, which takes about 1 MiB to decode")
+    assert "MAX_IMAGE_DECODE_BYTES" in message and "send it as JPEG" in message
 
 
 def test_batch_with_one_bad_image_names_its_index(clip_server):

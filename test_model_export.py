@@ -17,7 +17,7 @@ import download_models
 import model_loading
 from conftest import MODEL_LOAD_TIMEOUT, start_live_server
 from main import create_app
-from manifest import PROBE_TEXTS, Manifest, ManifestError
+from manifest import PROBE_TEXTS, Manifest, ManifestError, file_facts
 from model_loading import SelfCheckError, load_exported_models
 from model_locator import exported_model_dir
 from service import EmbeddingService
@@ -100,6 +100,26 @@ def test_an_edited_reference_vector_keeps_readiness_503_with_the_reason(export_c
     assert "ENGINE=torch" in body["reason"]
 
 
+def test_a_manifest_that_says_the_model_does_not_normalise_is_caught(export_copy):
+    folder, settings = export_copy
+    edit_manifest(folder, lambda values: values.update(normalize=False))
+    # Only the long probe's windows are averaged, and its average is no longer normalised again.
+    with pytest.raises(SelfCheckError, match="'long' is 0.9[0-9]* times as long as its reference"):
+        load_exported_models(settings)
+
+
+def test_a_same_size_edit_of_the_tokenizer_is_caught_by_its_digest(export_copy):
+    folder, settings = export_copy
+    tokenizer = folder / "tokenizer.json"
+    text = tokenizer.read_text()
+    # Two words of the same length trade ids: the file keeps its size, and no probe holds either word.
+    edited = text.replace('"piano":', '"PIANO":').replace('"tiger":', '"piano":').replace('"PIANO":', '"tiger":')
+    assert edited != text and len(edited) == len(text)
+    tokenizer.write_text(edited)
+    with pytest.raises(ManifestError, match="SHA-256"):
+        load_exported_models(settings)
+
+
 def test_edited_model_weights_are_caught_by_the_self_check(export_copy):
     folder, settings = export_copy
     weights = bytearray((folder / "text.bin").read_bytes())
@@ -109,6 +129,11 @@ def test_edited_model_weights_are_caught_by_the_self_check(export_copy):
     for index in range(len(block)):
         block[index] *= -3.0
     (folder / "text.bin").write_bytes(bytes(weights))
+    with pytest.raises(ManifestError, match="SHA-256"):
+        load_exported_models(settings)
+    # Even with the manifest's digest brought in line (another model's weights with a manifest
+    # rewritten for them), the vectors give them away.
+    edit_manifest(folder, lambda values: values["files"]["text.bin"].update(file_facts(folder / "text.bin")))
     with pytest.raises(SelfCheckError, match="cosine"):
         load_exported_models(settings)
 

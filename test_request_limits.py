@@ -124,6 +124,19 @@ def test_a_request_over_the_token_total_gets_413_naming_the_setting(server, clie
     assert refused.value.body["message"].startswith(f"The texts up to input[4] have {5 * tokens} tokens")
 
 
+def test_many_texts_of_few_tokens_are_refused_before_any_is_tokenized(server, loaded_service, monkeypatch):
+    # Each within MAX_TEXT_LENGTH and of one token ([UNK]): only the request's characters can bound them.
+    texts = ["x" * 200_000] * 6
+    tokenized = []
+    real_tokenize = loaded_service.tokenize
+    monkeypatch.setattr(loaded_service, "tokenize", lambda batch: tokenized.append(batch) or real_tokenize(batch))
+    message = error_of(post(server, "/embeddings/batch", {"texts": texts}), 413)
+    assert message == ("The texts hold 1200000 characters in all; the limit per request is 1048576 (32 characters "
+                       "per token of MAX_TOKENS_PER_REQUEST): send them in several requests")
+    assert tokenized == []
+    assert post(server, "/embeddings/batch", {"texts": texts[:5]}).status_code == 200
+
+
 def test_a_request_within_the_token_total_is_served_on_an_idle_server(server, text_embedder):
     document = english_document(text_embedder.tokenizer, 8000)
     tokens = token_count(text_embedder.tokenizer, document)
