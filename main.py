@@ -40,6 +40,10 @@ api = Blueprint("api", __name__)
 # replaces one whose model thread has failed), or when this worker is reading too many bodies.
 LOADING_RETRY_AFTER = 5
 BODIES_IN_FLIGHT_RETRY_AFTER = 1
+# Bodies this small are not counted against MAX_REQUEST_BYTES_IN_FLIGHT: a large body must not turn
+# away queries (a 100-text batch of full MiniLM windows is about 130 KB), and THREADS bounds them
+# (64 x 256 KiB, about 50 MB while being parsed).
+SMALL_BODY_BYTES = 256 * 1024
 
 api.before_request(require_api_key)
 
@@ -47,11 +51,14 @@ api.before_request(require_api_key)
 # --- admission --------------------------------------------------------------
 
 def admit_request_body() -> None:
-    """Refuse a request at once, its body unread, when this worker already handles
-    MAX_REQUEST_BYTES_IN_FLIGHT bytes of bodies; the bytes are held until the request ends."""
+    """Refuse a request at once, its body unread, when the model's queue is full or this worker already
+    handles MAX_REQUEST_BYTES_IN_FLIGHT bytes of bodies; the bytes are held until the request ends."""
     size = declared_body_size()
     if size == 0 or size > settings().max_request_size:
         return  # nothing to hold, or Flask refuses it with 413 before reading it
+    embedding_service().ensure_room()  # before the body is read, parsed, tokenized or decoded
+    if size <= SMALL_BODY_BYTES:
+        return
     bodies = current_app.extensions["bodies_in_flight"]
     if not bodies.try_take(size):
         raise ApiError(429, f"The service is busy: this worker is already handling {bodies.taken} bytes of "

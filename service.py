@@ -178,6 +178,11 @@ class EmbeddingService:
         vectors = text_embedder.combine_all(texts, window_vectors)
         return EmbeddingResult(vectors, sum(text_embedder.tokens_processed(text) for text in texts))
 
+    def ensure_room(self) -> None:
+        """QueueFullError at once when the model's queue is full; nothing while the model loads."""
+        if self._ready.is_set():
+            self._batcher.ensure_room()
+
     def require_image_support(self) -> ImageEmbedder:
         """The image embedder; ModelNotReadyError while loading, ImagesNotSupportedError for a text-only model."""
         self._ready_text_embedder()

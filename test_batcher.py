@@ -26,7 +26,7 @@ from config import SettingsError, load_settings
 from conftest import (SAME_ENGINE_MIN_COSINE, TEST_API_KEY, assert_same_vectors, running_service, service_around_model,
                       start_live_server)
 from embeddings import plan_forward_passes
-from main import create_app
+from main import SMALL_BODY_BYTES, create_app
 
 AUTH = {"X-API-Key": TEST_API_KEY}
 QUERIES = [f"how do I cook recipe number {n} with {'rice' if n % 2 else 'beans'}" for n in range(24)]
@@ -515,14 +515,15 @@ def test_a_dead_model_thread_makes_health_and_readiness_503_and_requests_fail_at
     assert "model thread ended on ModelThreadKilled" in caplog.text
 
 
-def send_headers_only(live, path: str, content_length: int) -> str:
-    """A POST that declares a body and sends none; the answer, which only comes if the body is not awaited."""
+def send_headers_only(live, path: str, content_length: int, marker: str = "MAX_REQUEST_BYTES_IN_FLIGHT") -> str:
+    """A POST that declares a body and sends none; the answer (read until `marker`), which only comes if the
+    body is not awaited."""
     host, port = live.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=PATIENCE) as connection:
         connection.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nX-API-Key: {TEST_API_KEY}\r\n"
                            f"Content-Type: application/json\r\nContent-Length: {content_length}\r\n\r\n".encode())
         received = b""
-        while b"MAX_REQUEST_BYTES_IN_FLIGHT" not in received:
+        while marker.encode() not in received:
             chunk = connection.recv(4096)
             if not chunk:
                 break
@@ -531,24 +532,45 @@ def send_headers_only(live, path: str, content_length: int) -> str:
 
 
 def test_bodies_beyond_the_bytes_in_flight_get_429_before_they_are_read(test_settings, text_embedder):
-    limit = 64 * 1024
+    limit = 2 * SMALL_BODY_BYTES
     settings = replace(test_settings, max_request_size=limit, max_request_bytes_in_flight=limit)
-    body = json.dumps({"text": "held while the model is busy"}).ljust(40_000)  # JSON allows trailing space
+    body = json.dumps({"text": "held while the model is busy"}).ljust(SMALL_BODY_BYTES + 1000)  # trailing space
     encoder = GatedEncoder(text_embedder)
     with (service_around_model(settings, text_embedder, encoder) as service, serving(settings, service) as live,
-          ThreadPoolExecutor(1) as pool):
+          ThreadPoolExecutor(2) as pool):
         try:
             held = pool.submit(requests.post, live.url + "/embeddings", data=body, headers=AUTH, timeout=120)
             assert encoder.entered.wait(PATIENCE)  # its 40,000 bytes are in flight
             answer = send_headers_only(live, "/v1/embeddings", content_length=len(body))
             assert answer.startswith("HTTP/1.1 429") and "Retry-After: 1\r\n" in answer, answer
             assert "MAX_REQUEST_BYTES_IN_FLIGHT" in answer
+            # A small body is not turned away by a large one: it only queues behind the held model call.
+            small = pool.submit(requests.post, live.url + "/embeddings", json={"text": "small"}, headers=AUTH,
+                                timeout=120)
         finally:
             encoder.gate.set()
-        assert held.result().status_code == 200
+        assert held.result().status_code == 200 and small.result().status_code == 200
         again = requests.post(live.url + "/embeddings", data=body, headers=AUTH, timeout=120)
     assert again.status_code == 200  # the held request gave its bytes back when it ended
     assert_vector_of(text_embedder, "held while the model is busy", again.json()["embeddings"][0])
+
+
+def test_a_full_queue_refuses_a_request_before_its_body_is_read(test_settings, text_embedder):
+    settings = replace(test_settings, queue_max_tokens=50, max_tokens_per_request=50, max_tokens_per_text=50)
+    encoder = GatedEncoder(text_embedder)
+    with (service_around_model(settings, text_embedder, encoder) as service, serving(settings, service) as live,
+          ThreadPoolExecutor(1) as pool):
+        try:
+            in_model = pool.submit(post_text, live, "first, and held in the model")
+            assert encoder.entered.wait(PATIENCE)
+            # Queued by the time submit returns; alone, it is larger than the bound, so the queue is full.
+            filler = service._batcher.submit(windows_of(text_embedder, DOCUMENT))
+            answer = send_headers_only(live, "/embeddings", content_length=10_000, marker="tokens of work")
+            assert answer.startswith("HTTP/1.1 429") and "Retry-After:" in answer, answer
+        finally:
+            encoder.gate.set()
+        assert in_model.result().status_code == 200
+        assert len(service._batcher.wait_for(filler)) == len(windows_of(text_embedder, DOCUMENT))
 
 
 def test_a_client_that_disconnects_does_not_break_the_batch(server, text_embedder):
