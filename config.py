@@ -112,6 +112,19 @@ def _whole_number(environ: Mapping[str, str], name: str, default: int, minimum: 
     return value
 
 
+def _positive_number(environ: Mapping[str, str], name: str, default: float) -> float:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise SettingsError(f"{name} must be greater than zero and finite, got {raw}")
+    return value
+
+
 def _positive_int(environ: Mapping[str, str], name: str, default: int) -> int:
     return _whole_number(environ, name, default, minimum=1)
 
@@ -240,6 +253,6 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         batch_max_tokens=_positive_int(environ, "BATCH_MAX_TOKENS", defaults.batch_max_tokens),
         batch_wait_ms=_whole_number(environ, "BATCH_WAIT_MS", defaults.batch_wait_ms, minimum=0),
         queue_max_tokens=token_limits.queue_max_tokens,
-        request_timeout_seconds=_positive_int(environ, "REQUEST_TIMEOUT_SECONDS", defaults.request_timeout_seconds),
+        request_timeout_seconds=_positive_number(environ, "REQUEST_TIMEOUT_SECONDS", defaults.request_timeout_seconds),
         metrics_public=_flag(environ, "METRICS_PUBLIC"),
     )

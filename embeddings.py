@@ -94,6 +94,11 @@ class TextEmbedder:
         return len(chunk) + len(self.prefix_ids) + len(self.suffix_ids)
 
     def _forward(self, chunks: Sequence[Sequence[int]]) -> np.ndarray:
+        input_ids, attention_mask = self.model_inputs(chunks)
+        return np.asarray(self.encoder.encode_text(input_ids, attention_mask), dtype=np.float32)
+
+    def model_inputs(self, chunks: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Windows framed by the special tokens and padded to the longest: input ids and attention mask."""
         sequences = [self.prefix_ids + list(chunk) + self.suffix_ids for chunk in chunks]
         longest = max(len(sequence) for sequence in sequences)
         input_ids = np.full((len(sequences), longest), self.tokenizer.pad_id, dtype=np.int64)
@@ -101,7 +106,7 @@ class TextEmbedder:
         for row, sequence in enumerate(sequences):
             input_ids[row, :len(sequence)] = sequence
             attention_mask[row, :len(sequence)] = 1
-        return np.asarray(self.encoder.encode_text(input_ids, attention_mask), dtype=np.float32)
+        return input_ids, attention_mask
 
     def combine(self, text: TokenizedText, chunk_vectors: np.ndarray) -> np.ndarray:
         """Average a text's window vectors, weighted by their token counts."""

@@ -4,7 +4,6 @@ Settings come from the same validated environment as the app, so a bad value
 stops start-up here with a message that names the variable.
 """
 import ctypes
-import ctypes.util
 import os
 import sys
 import tempfile
@@ -29,10 +28,12 @@ os.environ["WORKER_STATE_DIR"] = tempfile.mkdtemp(prefix="embedder-workers-")
 # glibc gives each of the many request threads a malloc arena of its own, and freed memory stays
 # scattered over them. Two arenas took the peak resident memory under mixed load from 411 to 389 MB
 # (measured; the same as MALLOC_ARENA_MAX=2). Set in the master, before the workers are forked.
+# glibc reads MALLOC_ARENA_MAX itself when it is set; it is left alone then.
 M_ARENA_MAX = -8
-_libc_name = ctypes.util.find_library("c")
-if _libc_name and hasattr(ctypes.CDLL(_libc_name), "mallopt"):
-    ctypes.CDLL(_libc_name).mallopt(M_ARENA_MAX, int(os.environ.get("MALLOC_ARENA_MAX", "2")))
+MALLOC_ARENAS = 2
+_process_symbols = ctypes.CDLL(None)  # the C library the interpreter is linked against
+if "MALLOC_ARENA_MAX" not in os.environ and hasattr(_process_symbols, "mallopt"):
+    _process_symbols.mallopt(M_ARENA_MAX, MALLOC_ARENAS)
 
 bind = f"0.0.0.0:{_settings.port}"
 worker_class = "gthread"
@@ -65,6 +66,8 @@ def nworkers_changed(server, new_value, old_value):
     """
     import worker_registry
     worker_registry.publish_worker_count(new_value)
+    # Workers forked from now on share the cores among this many (ENGINE_THREADS' default).
+    os.environ["WORKERS"] = str(new_value)
 
 
 def child_exit(server, worker):

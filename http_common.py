@@ -23,7 +23,7 @@ from embeddings import TokenizedText
 from image_embeddings import ImageInputError, ImageTooLargeError, check_byte_size, decode_base64_image
 from model_locator import served_model_id
 from observability import count_work
-from service import MULTIMODAL_MODELS, EmbeddingResult, EmbeddingService
+from service import EmbeddingResult, EmbeddingService
 
 
 class ApiError(Exception):
@@ -232,6 +232,9 @@ def require_image_support(image_at: str | None = None) -> None:
     """A 400 when the served model embeds text only; `image_at` names the image's place in the request."""
     if not embedding_service().supports_images():
         raise text_only_model_error(image_at)
+
+
+MULTIMODAL_MODELS = "clip-ViT-B-32, clip-ViT-B-16, clip-ViT-L-14 or a local CLIP folder"
 
 
 def text_only_model_error(image_at: str | None = None) -> ApiError:

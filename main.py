@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 import orjson
-from flask import Blueprint, Flask, current_app, g, jsonify, request
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
@@ -171,18 +171,18 @@ def openai_error(status: int, message: str, param: str | None, code: str | None)
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None,
-                   param: str | None = None, code: str | None = None):
+                   param: str | None = None, code: str | None = None) -> Response:
     response = jsonify(openai_error(status, message, param, code) if is_openai_route() else {"error": message})
     response.status_code = status
     response.headers.update(headers or {})
     return response
 
 
-def handle_api_error(error: ApiError):
+def handle_api_error(error: ApiError) -> Response:
     return error_response(error.status, error.message, error.headers, error.param, error.code)
 
 
-def handle_not_ready(error: ModelNotReadyError):
+def handle_not_ready(error: ModelNotReadyError) -> Response:
     state = str(error)
     if state == "loading":
         return error_response(503, "The model is still loading; retry when GET /health/ready answers 200",
@@ -192,36 +192,36 @@ def handle_not_ready(error: ModelNotReadyError):
                           code="model_load_failed")
 
 
-def handle_queue_full(error: QueueFullError):
+def handle_queue_full(error: QueueFullError) -> Response:
     return error_response(429, f"The service is busy ({error}); retry in {error.retry_after} s",
                           {"Retry-After": str(error.retry_after)}, code="server_busy")
 
 
-def handle_request_timeout(error: RequestTimeoutError):
+def handle_request_timeout(error: RequestTimeoutError) -> Response:
     return error_response(503, f"The model did not answer within {error.timeout:g} s (REQUEST_TIMEOUT_SECONDS): "
                                f"the service is behind; retry in {error.retry_after} s",
                           {"Retry-After": str(error.retry_after)}, code="timeout")
 
 
-def handle_model_unavailable(error: ModelUnavailableError):
+def handle_model_unavailable(error: ModelUnavailableError) -> Response:
     reason = without_local_paths(str(error), settings().embedding_model)
     return error_response(503, f"The model cannot serve requests now ({reason}); retry in {LOADING_RETRY_AFTER} s, "
                                f"when this instance has been restarted or another one answers",
                           {"Retry-After": str(LOADING_RETRY_AFTER)}, code="model_unavailable")
 
 
-def handle_images_not_supported(error: ImagesNotSupportedError):
+def handle_images_not_supported(error: ImagesNotSupportedError) -> Response:
     # The routes check first and name the image; this answers the same should one not.
     return handle_api_error(text_only_model_error())
 
 
-def handle_too_large(error: RequestEntityTooLarge):
+def handle_too_large(error: RequestEntityTooLarge) -> Response:
     limit = settings().max_request_size
     return error_response(413, f"Request body is larger than the limit of {limit} bytes (MAX_REQUEST_SIZE)",
                           code="request_too_large")
 
 
-def handle_http_error(error: HTTPException):
+def handle_http_error(error: HTTPException) -> Response:
     messages = {
         404: f"No route {request.path}: see GET /docs or the README for the routes this service has",
         405: f"Method {request.method} is not allowed on {request.path}",
@@ -232,7 +232,7 @@ def handle_http_error(error: HTTPException):
                           code=codes.get(error.code))
 
 
-def handle_unexpected_error(error: Exception):
+def handle_unexpected_error(error: Exception) -> Response:
     logger.exception("Unexpected error on %s %s", request.method, request.path)
     return error_response(500, "Internal error while handling the request; it has been logged",
                           code="internal_error")

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import openvino as ov
 import torch
+from sentence_transformers import SentenceTransformer
 
 import torch_engine
 from config import Settings
@@ -115,13 +116,8 @@ def export_model(settings: Settings, source: Path, target: Path) -> Manifest:
 
 def _example_text_inputs(reference, takes_token_types: bool) -> tuple[torch.Tensor, ...]:
     text = reference.text
-    sequences = [text.prefix_ids + ids + text.suffix_ids for ids in text.tokenizer.token_ids(list(EXAMPLE_TEXTS))]
-    longest = max(map(len, sequences))
-    input_ids = torch.full((len(sequences), longest), text.tokenizer.pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        input_ids[row, :len(sequence)] = torch.tensor(sequence)
-        attention_mask[row, :len(sequence)] = 1
+    input_ids, attention_mask = (torch.from_numpy(array) for array in
+                                 text.model_inputs(text.tokenizer.token_ids(list(EXAMPLE_TEXTS))))
     if takes_token_types:
         return input_ids, attention_mask, torch.zeros_like(input_ids)
     return input_ids, attention_mask
@@ -136,10 +132,10 @@ def _convert(tower: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Pa
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
         converted = ov.convert_model(tower, example_input=example)
-    # Batch and sequence length vary; the image size does not.
+    # The batch varies, and a text's length; an image's channels and size do not.
     for port, tensor in zip(converted.inputs, example):
-        dynamic = [-1] * 2 + list(tensor.shape[2:])
-        port.get_node().set_partial_shape(ov.PartialShape(dynamic))
+        varying = 2 if tensor.dim() == 2 else 1
+        port.get_node().set_partial_shape(ov.PartialShape([-1] * varying + list(tensor.shape[varying:])))
     converted.validate_nodes_and_infer_types()
     ov.save_model(converted, str(path), compress_to_fp16=False)
 
@@ -152,7 +148,7 @@ def _probe_texts(reference, transformers_tokenizer) -> list[ProbeText]:
             for name, text, vector in zip(names, texts, vectors)]
 
 
-def _probe_images(model, target: Path) -> list[ProbeImage]:
+def _probe_images(model: SentenceTransformer, target: Path) -> list[ProbeImage]:
     """The probe images saved as PNG, with vectors from the model's own preprocessing (transformers')."""
     folder = target / PROBE_IMAGE_FOLDER
     folder.mkdir()
@@ -166,7 +162,7 @@ def _probe_images(model, target: Path) -> list[ProbeImage]:
     return probes
 
 
-def pooling_of(model) -> str:
+def pooling_of(model: SentenceTransformer) -> str:
     """How the model turns token vectors into one: its Pooling module's mode, or what its architecture does."""
     for module in model:
         config = module.get_config_dict() if hasattr(module, "get_config_dict") else {}

@@ -163,12 +163,15 @@ def embed_input(items: Input) -> tuple[list[np.ndarray], int]:
     """One vector per item in input order, and the tokens processed (images count none: usage is about text)."""
     vectors: dict[int, np.ndarray] = {}
     token_count = 0
-    if items.texts or items.token_ids:
-        result = embed_tokenized(tokenize_input(items))
-        vectors.update(zip([*items.texts, *items.token_ids], result.vectors))
-        token_count = result.token_count
+    # Texts are held to their limits first and images decoded next, both before any text reaches the
+    # model: a refused text or a damaged image then costs no model time.
+    tokenized = tokenize_input(items) if items.texts or items.token_ids else []
     if items.images:
         vectors.update(zip(items.images, embed_images(list(items.images.values()), items.places(items.images))))
+    if tokenized:
+        result = embed_tokenized(tokenized)
+        vectors.update(zip([*items.texts, *items.token_ids], result.vectors))
+        token_count = result.token_count
     return [vectors[index] for index in sorted(vectors)], token_count
 
 

@@ -30,7 +30,6 @@ IMAGE_DECODE_SLOTS = 2
 # costs its model about as much as 35 tokens of its text tower, ViT-B/16 about 140 and
 # ViT-L/14 about 330 (arithmetic from the models' shapes, not measured); decoding comes on top.
 IMAGE_WORK_TOKENS = 256
-MULTIMODAL_MODELS = "clip-ViT-B-32, clip-ViT-B-16, clip-ViT-L-14 or a local CLIP folder"
 
 
 class ModelNotReadyError(RuntimeError):
@@ -109,12 +108,12 @@ class EmbeddingService:
         with self._observers_lock:
             self._ready.set()
             load_observers = list(self._load_observers)
-        for observer in load_observers:
-            observer(self._load_report())
         worker_registry.mark_ready()
-        logger.info("Model %s ready in %.2f s on %s %s (dimension %d, max %d tokens per window)",
-                    self.settings.embedding_model, self.load_seconds, self.engine, self.precision,
-                    text.dimension, text.max_seq_length)
+        for observer in load_observers:
+            self._tell(observer)
+        logger.info("Model %s ready in %.2f s on %s %s with %d engine threads (dimension %d, max %d tokens "
+                    "per window)", self.settings.embedding_model, self.load_seconds, self.engine, self.precision,
+                    self.settings.engine_threads, text.dimension, text.max_seq_length)
 
     def wait_until_loaded(self, timeout: float) -> bool:
         """Wait for loading to end, ready or failed; True when ready."""
@@ -187,10 +186,8 @@ class EmbeddingService:
         """The image embedder; ModelNotReadyError while loading, ImagesNotSupportedError for a text-only model."""
         self._ready_text_embedder()
         if self._images is None:
-            raise ImagesNotSupportedError(
-                f"Model {self.settings.embedding_model!r} embeds text only, so it cannot embed images. "
-                f"Set EMBEDDING_MODEL to a multimodal CLIP model ({MULTIMODAL_MODELS}) to embed "
-                f"images and texts in one vector space.")
+            # The HTTP layer words the answer (http_common.text_only_model_error).
+            raise ImagesNotSupportedError("the model embeds text only")
         return self._images
 
     def embed_images(self, encoded_images: Sequence[bytes]) -> list[np.ndarray]:
@@ -235,7 +232,14 @@ class EmbeddingService:
             if not loaded:
                 self._load_observers.append(observer)
         if loaded:
+            self._tell(observer)
+
+    def _tell(self, observer: Callable[[LoadReport], None]) -> None:
+        """An observer (metrics) that fails is logged; the model serves all the same."""
+        try:
             observer(self._load_report())
+        except Exception:
+            logger.exception("A load observer failed")
 
     def _load_report(self) -> LoadReport:
         return LoadReport(self.engine, self.precision, self.load_seconds)

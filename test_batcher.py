@@ -596,10 +596,12 @@ def test_queue_deadline_and_body_settings_have_their_documented_defaults():
     settings = load_settings({})
     assert settings.queue_max_tokens == 65536 and settings.request_timeout_seconds == 60
     assert settings.max_request_bytes_in_flight == settings.max_request_size == 32 * 1024 * 1024
+    assert load_settings({"REQUEST_TIMEOUT_SECONDS": "2.5"}).request_timeout_seconds == 2.5
 
 
 @pytest.mark.parametrize("name, value", [
-    ("QUEUE_MAX_TOKENS", "0"), ("REQUEST_TIMEOUT_SECONDS", "soon"), ("MAX_REQUEST_BYTES_IN_FLIGHT", "-1"),
+    ("QUEUE_MAX_TOKENS", "0"), ("REQUEST_TIMEOUT_SECONDS", "soon"), ("REQUEST_TIMEOUT_SECONDS", "0"),
+    ("REQUEST_TIMEOUT_SECONDS", "inf"), ("MAX_REQUEST_BYTES_IN_FLIGHT", "-1"),
 ])
 def test_bad_queue_deadline_and_body_settings_name_the_variable(name, value):
     with pytest.raises(SettingsError, match=name):

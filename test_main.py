@@ -239,6 +239,19 @@ def test_public_messages_keep_names_and_hide_absolute_paths(message, shown):
     assert without_local_paths(message, "/srv/my models/my-clip") == shown
 
 
+def test_a_failing_load_observer_is_logged_and_the_model_serves(test_settings, caplog):
+    service = EmbeddingService(test_settings)
+    service.observe_load(lambda report: 1 / 0)  # a metrics backend that fails
+    with caplog.at_level(logging.ERROR, logger="service"):
+        service.start_loading()
+        assert service.wait_until_loaded(60)
+    try:
+        assert service.readiness()[0] and "A load observer failed" in caplog.text
+        assert len(service.embed_texts(["still serving"]).vectors) == 1
+    finally:
+        service.stop()
+
+
 def test_default_key_logs_a_warning(loaded_service, caplog):
     with caplog.at_level(logging.WARNING, logger="main"):
         create_app(Settings(), loaded_service)

@@ -80,6 +80,11 @@ def test_the_self_check_passes_and_readiness_names_engine_and_precision(loaded_s
     assert "text probes min cosine" in loaded_service.self_check
 
 
+def test_bf16_serves_where_the_cpu_has_it(loaded_service):
+    flags = set(open("/proc/cpuinfo").read().split())
+    assert loaded_service.precision == ("bf16" if flags & {"avx512_bf16", "amx_bf16"} else "f32")
+
+
 def test_forced_f32_reproduces_torch_to_the_last_digits(test_settings):
     models = load_exported_models(replace(test_settings, engine_precision="f32"))
     assert models.precision == "f32"

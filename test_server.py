@@ -9,6 +9,7 @@ import psutil
 import pytest
 import requests
 
+from config import available_cpus
 from conftest import assert_same_vectors, start_gunicorn
 
 
@@ -104,6 +105,8 @@ def test_ready_means_every_worker_has_its_model(tmp_path, models_dir, arguments,
         server.wait_until_ready()
         assert len(server.worker_pids()) == workers
         assert_every_worker_serves(server)
+        # The workers gunicorn really runs share the cores, whatever WORKERS says.
+        assert f"with {max(1, available_cpus() // workers)} engine threads" in server.output()
     finally:
         server.stop()
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.modules import Normalize
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from config import Settings
 from embeddings import LONGEST_WINDOW, TextModelShape
@@ -64,7 +64,7 @@ def load_sentence_transformer(settings: Settings) -> SentenceTransformer:
     return model.eval()
 
 
-def load_transformers_tokenizer(settings: Settings, model: SentenceTransformer):
+def load_transformers_tokenizer(settings: Settings, model: SentenceTransformer) -> PreTrainedTokenizerBase:
     """The model's own transformers tokenizer, or TOKENIZER_MODEL's when it is set."""
     if not settings.tokenizer_model:
         return model.tokenizer
@@ -80,7 +80,7 @@ def load_transformers_tokenizer(settings: Settings, model: SentenceTransformer):
     return tokenizer
 
 
-def text_tokenizer_of(transformers_tokenizer) -> TextTokenizer:
+def text_tokenizer_of(transformers_tokenizer: PreTrainedTokenizerBase) -> TextTokenizer:
     """The fast (Rust) tokenizer inside a transformers tokenizer, as the serving path uses it."""
     backend = getattr(transformers_tokenizer, "backend_tokenizer", None)
     if backend is None:
