@@ -6,11 +6,13 @@ environment itself, so tests can build an app with any settings they like.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Mapping, TypeVar
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_API_KEY = "abc123"
 DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
@@ -98,14 +100,21 @@ class Settings:
         return DEFAULT_API_KEY in self.api_keys
 
 
-def _whole_number(environ: Mapping[str, str], name: str, default: int, minimum: int) -> int:
+def _parsed(environ: Mapping[str, str], name: str, parse: Callable[[str], T], described: str) -> T | None:
+    """The variable's value parsed, None when it is unset or empty; a SettingsError naming it when it is not valid."""
     raw = environ.get(name, "").strip()
     if not raw:
-        return default
+        return None
     try:
-        value = int(raw)
+        return parse(raw)
     except ValueError:
-        raise SettingsError(f"{name} must be a whole number, got {raw!r}") from None
+        raise SettingsError(f"{name} must be {described}, got {raw!r}") from None
+
+
+def _whole_number(environ: Mapping[str, str], name: str, default: int, minimum: int) -> int:
+    value = _parsed(environ, name, int, "a whole number")
+    if value is None:
+        return default
     if value < minimum:
         bound = "greater than zero" if minimum == 1 else f"at least {minimum}"
         raise SettingsError(f"{name} must be {bound}, got {value}")
@@ -113,15 +122,11 @@ def _whole_number(environ: Mapping[str, str], name: str, default: int, minimum: 
 
 
 def _positive_number(environ: Mapping[str, str], name: str, default: float) -> float:
-    raw = environ.get(name, "").strip()
-    if not raw:
+    value = _parsed(environ, name, float, "a number of seconds")
+    if value is None:
         return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{name} must be a number of seconds, got {raw!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise SettingsError(f"{name} must be greater than zero and finite, got {raw}")
+    if not 0 < value < math.inf:
+        raise SettingsError(f"{name} must be greater than zero and finite, got {value}")
     return value
 
 

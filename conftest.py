@@ -45,6 +45,12 @@ ANSWER_TIMEOUT = 120
 SAME_ENGINE_MIN_COSINE = 0.99999
 
 
+def expected_precision() -> str:
+    """The precision the default engine serves in on this CPU: bf16 where it has bf16 instructions."""
+    flags = set(open("/proc/cpuinfo").read().split())
+    return "bf16" if flags & {"avx512_bf16", "amx_bf16"} else "f32"
+
+
 def assert_same_vectors(actual, expected, min_cosine: float = TEXT_MIN_COSINE) -> None:
     """Vectors that point the same way row by row: an engine's against torch's (the self-check's bound)."""
     actual = np.atleast_2d(np.asarray(actual, dtype=np.float64))

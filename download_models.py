@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence, TypeVar
 
 from config import Settings, SettingsError, load_settings
 from manifest import MANIFEST_FILE, Manifest, fingerprint
-from model_loading import EXPORT_ENGINE, load_exported_models
+from model_loading import EXPORT_ENGINE, LoadedModels, load_exported_models
 from model_locator import ModelLocation, ModelNotFoundError, baked_model_dir, exported_model_dir, locate_model
 
 T = TypeVar("T")
@@ -222,7 +222,7 @@ def _export_is_current(settings: Settings, source: Path, target: Path) -> bool:
     return True
 
 
-def _report_check(models) -> None:
+def _report_check(models: LoadedModels) -> None:
     print(f"  verified: {models.engine} {models.precision} reproduces the torch vectors ({models.self_check})")
 
 
@@ -239,6 +239,7 @@ def prepare_models(settings: Settings, allow_download: bool) -> None:
     if settings.engine != "torch" and _is_baked(baked) and (exported / MANIFEST_FILE).is_file():
         if _export_is_current(settings, baked, exported):
             return
+        shutil.rmtree(exported)  # stale: exported again below, without checking it a second time
     model = bake_model(settings, settings.embedding_model, allow_download)
     if settings.tokenizer_model:
         bake_tokenizer(settings, settings.tokenizer_model, allow_download, model)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from config import Settings
 from embeddings import TextEmbedder, TextModelShape
 from image_embeddings import ImageEmbedder, ImagePreprocessing
@@ -26,6 +28,7 @@ from text_tokenizer import TextTokenizer
 logger = logging.getLogger(__name__)
 
 EXPORT_ENGINE = "openvino"
+WARM_UP_TEXT = "warm-up"
 
 
 class SelfCheckError(RuntimeError):
@@ -42,9 +45,17 @@ class LoadedModels:
 
 
 def load_models(settings: Settings) -> LoadedModels:
+    """The configured model, ready to serve: its first forward passes (slower than the rest) already run."""
     if settings.engine == "torch":
-        return load_torch_models(settings)
-    return load_exported_models(settings)
+        return warmed_up(load_torch_models(settings))
+    return load_exported_models(settings)  # the self-check has run texts (and images) through it
+
+
+def warmed_up(models: LoadedModels) -> LoadedModels:
+    models.text.embed([WARM_UP_TEXT])
+    if models.images is not None:
+        models.images.embed([Image.new("RGB", (32, 32), "gray")])
+    return models
 
 
 def load_torch_models(settings: Settings, model: Any = None) -> LoadedModels:

@@ -44,7 +44,6 @@ class OpenVINOEngine:
         if image_model is not None:
             self._image_request = core.compile_model(str(image_model), "CPU", config).create_infer_request()
         self.precision = self._text.get_property("INFERENCE_PRECISION_HINT").to_string()
-        self.threads = threads
 
     def encode_text(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
-from PIL import Image
 
 import worker_registry
 from batcher import Batcher, BatchLimits, BatchStats
@@ -23,7 +22,6 @@ from model_loading import LoadedModels, load_models
 
 logger = logging.getLogger(__name__)
 
-WARM_UP_TEXT = "warm-up"
 # Image requests decoding at once: each may hold one full-size decoded image in memory.
 IMAGE_DECODE_SLOTS = 2
 # The work one image counts for in the model's queue, in text tokens. A CLIP ViT-B/32 image
@@ -61,15 +59,11 @@ class EmbeddingService:
         self._load_models = load
         self._ready = threading.Event()
         self._error: str | None = None
-        self._text: TextEmbedder | None = None
+        self._models: LoadedModels | None = None
         self._batcher: Batcher | None = None
         self._batch_observers: list[Callable[[BatchStats], None]] = []
         self._load_observers: list[Callable[[LoadReport], None]] = []
         self._observers_lock = threading.Lock()
-        self._images: ImageEmbedder | None = None  # stays None for a text-only model
-        self.engine: str | None = None  # which engine and precision serve, once loaded
-        self.precision: str | None = None
-        self.self_check: str | None = None
         self._loader: threading.Thread | None = None
         self.load_seconds: float | None = None
         self.loaded_at: int | None = None  # Unix time the model became ready
@@ -85,24 +79,18 @@ class EmbeddingService:
         started = time.monotonic()
         try:
             models = self._load_models(self.settings)
-            text, images = models.text, models.images
-            text.embed([WARM_UP_TEXT])
-            if images is not None:
-                images.embed([Image.new("RGB", (32, 32), "gray")])
         except Exception as error:  # any failure must surface in readiness, not crash the worker
             self._error = f"{type(error).__name__}: {error}"
             logger.error("Model %s failed to load: %s", self.settings.embedding_model, self._error)
             return
-        self._text = text
-        self._batcher = Batcher(self._encode_windows, text.tokens_per_chunk, BatchLimits(
+        self._models = models
+        self._batcher = Batcher(self._encode_windows, models.text.tokens_per_chunk, BatchLimits(
             max_tokens=self.settings.batch_max_tokens,
             max_wait=self.settings.batch_wait_ms / 1000,
             queue_max_tokens=self.settings.queue_max_tokens,
             request_timeout=self.settings.request_timeout_seconds,
         ), on_batch=self._record_batch)
         self._batcher.start()
-        self._images = images
-        self.engine, self.precision, self.self_check = models.engine, models.precision, models.self_check
         self.load_seconds = time.monotonic() - started
         self.loaded_at = int(time.time())
         with self._observers_lock:
@@ -113,7 +101,25 @@ class EmbeddingService:
             self._tell(observer)
         logger.info("Model %s ready in %.2f s on %s %s with %d engine threads (dimension %d, max %d tokens "
                     "per window)", self.settings.embedding_model, self.load_seconds, self.engine, self.precision,
-                    self.settings.engine_threads, text.dimension, text.max_seq_length)
+                    self.settings.engine_threads, models.text.dimension, models.text.max_seq_length)
+
+    @property
+    def engine(self) -> str | None:
+        """The engine serving the model, once it has loaded."""
+        return self._models.engine if self._models else None
+
+    @property
+    def precision(self) -> str | None:
+        return self._models.precision if self._models else None
+
+    @property
+    def self_check(self) -> str | None:
+        """What the start-up self-check found (exported models only)."""
+        return self._models.self_check if self._models else None
+
+    @property
+    def _images(self) -> ImageEmbedder | None:
+        return self._models.images if self._models else None  # None for a text-only model
 
     def wait_until_loaded(self, timeout: float) -> bool:
         """Wait for loading to end, ready or failed; True when ready."""
@@ -146,26 +152,19 @@ class EmbeddingService:
     def _ready_text_embedder(self) -> TextEmbedder:
         if not self._ready.is_set():
             raise ModelNotReadyError(self._error or "loading")
-        return self._text
+        return self._models.text
 
     def embed_texts(self, texts: Sequence[str]) -> EmbeddingResult:
         """One vector per text, in input order."""
         return self.embed_tokenized(self.tokenize(texts))
 
     def tokenize(self, texts: Sequence[str]) -> list[TokenizedText]:
-        """Each text's token ids in the model's windows: tokenized once, to be counted and then embedded.
-
-        QueueFullError at once when the model's queue is full: a request that cannot be queued is not tokenized.
-        """
-        text_embedder = self._ready_text_embedder()
-        self._batcher.ensure_room()
-        return text_embedder.tokenize(texts)
+        """Each text's token ids in the model's windows: tokenized once, to be counted and then embedded."""
+        return self._ready_text_embedder().tokenize(texts)
 
     def tokenized_from_ids(self, token_id_lists: Sequence[Sequence[int]]) -> list[TokenizedText]:
         """Texts given as lists of the model's own token ids, in windows like tokenized text."""
-        text_embedder = self._ready_text_embedder()
-        self._batcher.ensure_room()
-        return text_embedder.tokenized_from_ids(token_id_lists)
+        return self._ready_text_embedder().tokenized_from_ids(token_id_lists)
 
     def embed_tokenized(self, texts: Sequence[TokenizedText]) -> EmbeddingResult:
         """One vector per tokenized text (see tokenize), in input order.
@@ -178,7 +177,8 @@ class EmbeddingService:
         return EmbeddingResult(vectors, sum(text_embedder.tokens_processed(text) for text in texts))
 
     def ensure_room(self) -> None:
-        """QueueFullError at once when the model's queue is full; nothing while the model loads."""
+        """QueueFullError at once when the model's queue is full, for a request that has not yet read its body,
+        tokenized or decoded anything; nothing while the model loads."""
         if self._ready.is_set():
             self._batcher.ensure_room()
 
@@ -254,4 +254,4 @@ class EmbeddingService:
 
     def _encode_windows(self, windows: list[list[int]]) -> np.ndarray:
         # Only the model thread calls this, so forward passes never compete for the cores.
-        return self._text.encode_chunks(windows)
+        return self._models.text.encode_chunks(windows)

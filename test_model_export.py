@@ -15,7 +15,7 @@ import requests
 
 import download_models
 import model_loading
-from conftest import MODEL_LOAD_TIMEOUT, start_live_server
+from conftest import MODEL_LOAD_TIMEOUT, expected_precision, start_live_server
 from main import create_app
 from manifest import PROBE_TEXTS, Manifest, ManifestError, file_facts
 from model_loading import SelfCheckError, load_exported_models
@@ -74,15 +74,10 @@ def test_the_manifest_records_the_model_and_its_probe_vectors(test_settings, ref
     assert manifest.image_model is None and manifest.probe_images == []
 
 
-def test_the_self_check_passes_and_readiness_names_engine_and_precision(loaded_service):
+def test_the_self_check_passes_and_bf16_serves_where_the_cpu_has_it(loaded_service):
     ready, body = loaded_service.readiness()
-    assert ready and body["engine"] == "openvino" and body["precision"] == loaded_service.precision
-    assert "text probes min cosine" in loaded_service.self_check
-
-
-def test_bf16_serves_where_the_cpu_has_it(loaded_service):
-    flags = set(open("/proc/cpuinfo").read().split())
-    assert loaded_service.precision == ("bf16" if flags & {"avx512_bf16", "amx_bf16"} else "f32")
+    assert ready and (body["engine"], body["precision"]) == ("openvino", expected_precision())
+    assert "text probes min cosine 0.9999" in loaded_service.self_check
 
 
 def test_forced_f32_reproduces_torch_to_the_last_digits(test_settings):
