@@ -45,8 +45,8 @@ ENV MODELS_DIR=/models \
     TOKENIZER_MODEL=${TOKENIZER_MODEL} \
     ENGINE=${ENGINE}
 WORKDIR /build
-COPY config.py model_locator.py text_tokenizer.py embeddings.py image_embeddings.py manifest.py self_check.py \
-     model_loading.py openvino_engine.py torch_engine.py model_export.py download_models.py ./
+COPY config.py errors.py model_locator.py text_tokenizer.py embeddings.py image_embeddings.py manifest.py \
+     self_check.py model_loading.py openvino_engine.py torch_engine.py model_export.py download_models.py ./
 # Bake the model, export it for OpenVINO and prove the export against torch (not for ENGINE=torch);
 # the runtime stage gets only what its engine serves: the export, or the sentence-transformers folder.
 RUN python download_models.py \
@@ -88,8 +88,8 @@ COPY --from=models /serve-models /models
 WORKDIR /app
 # The runtime modules only: no tests, benchmark, soak, exporter or test helpers.
 COPY gunicorn.conf.py main.py http_common.py openai_api.py api_docs.py openapi_document.py observability.py \
-     service.py batcher.py budget.py config.py worker_registry.py model_locator.py model_loading.py manifest.py \
-     self_check.py text_tokenizer.py embeddings.py image_embeddings.py openvino_engine.py torch_engine.py ./
+     service.py batcher.py budget.py errors.py config.py worker_registry.py model_locator.py model_loading.py \
+     manifest.py self_check.py text_tokenizer.py embeddings.py image_embeddings.py openvino_engine.py torch_engine.py ./
 # What the image carries, printed at the end of the build.
 RUN du -sh /opt/venv /models /app && find /models -mindepth 1 -maxdepth 1 -printf 'baked model: %f\n'
 # Any numeric user works: nothing in the image needs a home or a writable file.

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from budget import Budget
+from errors import LOADING_RETRY_AFTER, ApiError
 
 logger = logging.getLogger(__name__)
 
@@ -43,25 +44,32 @@ ASSUMED_TOKENS_PER_SECOND = 1000.0
 STUCK_AFTER_DEADLINES = 2
 
 
-class QueueFullError(RuntimeError):
+class QueueFullError(ApiError):
     """The queue holds as much work as it may; the client should retry after `retry_after` seconds."""
 
-    def __init__(self, message: str, retry_after: int) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(429, f"The service is busy ({detail}); retry in {retry_after} s", code="server_busy",
+                         retry_after=retry_after)
 
 
-class RequestTimeoutError(RuntimeError):
+class RequestTimeoutError(ApiError):
     """The model did not answer a request within its deadline."""
 
     def __init__(self, timeout: float, retry_after: int) -> None:
-        super().__init__(f"the model did not answer within {timeout:g} s")
+        super().__init__(503, f"The model did not answer within {timeout:g} s (REQUEST_TIMEOUT_SECONDS): the "
+                              f"service is behind; retry in {retry_after} s", code="timeout", retry_after=retry_after)
         self.timeout = timeout
-        self.retry_after = retry_after
 
 
-class ModelUnavailableError(RuntimeError):
+class ModelUnavailableError(ApiError):
     """The model thread has ended, or is stopping: no request can be served."""
+
+    shows_local_reason = True
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(503, f"The model cannot serve requests now ({reason}); retry in {LOADING_RETRY_AFTER} s, "
+                              f"when this instance has been restarted or another one answers",
+                         code="model_unavailable", retry_after=LOADING_RETRY_AFTER)
 
 
 @dataclass(frozen=True)
@@ -140,14 +148,6 @@ class Batcher:
 
     def start(self) -> None:
         self._thread.start()
-
-    @property
-    def queue_depth(self) -> int:
-        return len(self._queue)
-
-    @property
-    def queued_tokens(self) -> int:
-        return self._queued.taken
 
     def ensure_room(self) -> None:
         """Refuse at once when the queue is full, before the request does costly work (tokenizing, decoding)."""

@@ -58,10 +58,11 @@ WORDS = ("river mountain city history science music garden ocean language market
 # --- texts of a known token count ---------------------------------------------
 
 def text_of_tokens(tokenizer, tokens: int, seed: int) -> str:
-    """A text of about `tokens` content tokens (decoded from exactly that many ids)."""
-    rng = np.random.default_rng(seed)
-    words = " ".join(rng.choice(WORDS, size=tokens * 2))
-    return tokenizer.decode(tokenizer.token_ids([words])[0][:tokens])
+    """A text of `tokens` content tokens, or a few more: random words, as many as those tokens take."""
+    words = list(np.random.default_rng(seed).choice(WORDS, size=tokens))
+    while len(tokenizer.token_ids([" ".join(words)])[0]) > tokens:
+        words.pop()
+    return " ".join(words)
 
 
 TOPICS = {
@@ -163,7 +164,7 @@ def in_process_table(embedder, runs: int) -> list[dict]:
         tokenized = embedder.tokenize([text])[0]
         processed = embedder.tokens_processed(tokenized)
         timings = time_runs(lambda: embedder.embed([text]), runs)
-        rows.append({"tokens": processed, "chunks": len(tokenized.chunks),
+        rows.append({"tokens": processed, "windows": len(tokenized.windows),
                      "median_ms": 1000 * float(np.median(timings)), "p95_ms": 1000 * percentile(timings, 95),
                      "tokens_per_s": processed / float(np.median(timings))})
     return rows
@@ -512,11 +513,11 @@ def print_report(report: dict) -> None:
           f"transformers {info['transformers']}, sentence-transformers {info['sentence-transformers']}; "
           f"model {report['model']}")
     print("\nIn-process, one text per call (median of the runs, then of the rounds)")
-    print(f"{'engine':<22} {'precision':>9} {'tokens':>7} {'chunks':>6} {'tokens/s':>9} {'median ms':>9} {'p95 ms':>7}"
+    print(f"{'engine':<22} {'precision':>9} {'tokens':>7} {'windows':>7} {'tokens/s':>9} {'median ms':>9} {'p95 ms':>7}"
           f"  tokens/s of each round")
     for name, result in report["in_process"].items():
         for row in result["rows"]:
-            print(f"{name:<22} {result['precision']:>9} {row['tokens']:>7} {row['chunks']:>6} "
+            print(f"{name:<22} {result['precision']:>9} {row['tokens']:>7} {row['windows']:>7} "
                   f"{row['tokens_per_s']:>9.0f} {row['median_ms']:>9.1f} {row['p95_ms']:>7.1f}  "
                   f"{row.get('tokens_per_s_rounds', '')}")
     fidelity = report["fidelity"]

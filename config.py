@@ -31,7 +31,7 @@ class SettingsError(ValueError):
 class Settings:
     api_keys: tuple[str, ...] = (DEFAULT_API_KEY,)
     port: int = 5001
-    # Windows (chunks of at most max_seq_length tokens) per forward pass. Upstream used 8;
+    # Windows (of at most max_seq_length tokens) per forward pass. Upstream used 8;
     # with requests batched together, 32 served 16 concurrent clients about 25% faster.
     max_batch_size: int = 32
     max_texts_per_batch: int = 100

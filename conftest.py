@@ -32,10 +32,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from benchmark_embeddings import free_port  # noqa: E402
 from config import Settings  # noqa: E402
-from main import create_app  # noqa: E402
+from main import ServiceFactory, create_app  # noqa: E402
 from model_loading import LoadedModels, load_models  # noqa: E402
 from self_check import MAX_NORM_RATIO_ERROR, TEXT_MIN_COSINE, cosine_rows  # noqa: E402
-from service import EmbeddingService  # noqa: E402
+from service import EmbeddingService, ServiceHooks  # noqa: E402
 
 TEST_API_KEY = "test-key"
 MODEL_LOAD_TIMEOUT = 120
@@ -67,19 +67,55 @@ def assert_same_vectors(actual, expected, min_cosine: float = TEXT_MIN_COSINE) -
 class LiveServer:
     """A real threaded HTTP server on 127.0.0.1 serving one app."""
     url: str
+    app: object
     _server: object
     _thread: threading.Thread
+
+    @property
+    def service(self) -> EmbeddingService:
+        return self.app.extensions["embedding_service"]
 
     def stop(self) -> None:
         self._server.shutdown()
         self._thread.join(10)
 
 
-def start_live_server(app) -> LiveServer:
+def start_live_server(app, wait_ready: bool = True) -> LiveServer:
+    """The app served on a free loopback port; once its model is ready, unless told not to wait."""
+    if wait_ready:
+        ready, body = wait_for_loading(app.extensions["embedding_service"])
+        assert ready, body
     server = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    return LiveServer(f"http://127.0.0.1:{server.server_port}", server, thread)
+    return LiveServer(f"http://127.0.0.1:{server.server_port}", app, server, thread)
+
+
+def wait_for_loading(service: EmbeddingService, timeout: float = MODEL_LOAD_TIMEOUT) -> tuple[bool, dict]:
+    """The service's readiness once its loading has ended, ready or failed (or the timeout has passed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ready, body = service.readiness()
+        if ready or body["status"] == "error" or time.monotonic() > deadline:
+            return ready, body
+        time.sleep(0.01)
+
+
+def sharing(models: LoadedModels) -> ServiceFactory:
+    """Services that serve models already loaded, with the app's hooks: no second load."""
+    return lambda settings, hooks: EmbeddingService(settings, hooks, load=lambda _: models)
+
+
+def existing(service: EmbeddingService) -> ServiceFactory:
+    """The app serves this very service (which then does not call the app's hooks)."""
+    return lambda settings, hooks: service
+
+
+class NeverLoads(EmbeddingService):
+    """A service whose model is still loading, for ever."""
+
+    def start_loading(self) -> None:
+        pass
 
 
 def start_request(url: str, path: str, body: bytes, headers: dict[str, str]) -> socket.socket:
@@ -139,12 +175,13 @@ def reference_model():
 
 
 @contextmanager
-def running_service(settings: Settings, load: Callable[[Settings], LoadedModels] = load_models
-                    ) -> Iterator[EmbeddingService]:
+def running_service(settings: Settings, load: Callable[[Settings], LoadedModels] = load_models,
+                    hooks: ServiceHooks = ServiceHooks()) -> Iterator[EmbeddingService]:
     """A service with its model loaded; stopped afterwards."""
-    service = EmbeddingService(settings, load)
+    service = EmbeddingService(settings, hooks, load)
     service.start_loading()
-    assert service.wait_until_loaded(MODEL_LOAD_TIMEOUT), service.readiness()
+    ready, body = wait_for_loading(service)
+    assert ready, body
     try:
         yield service
     finally:
@@ -153,40 +190,47 @@ def running_service(settings: Settings, load: Callable[[Settings], LoadedModels]
 
 
 class EmbedderAround:
-    """A loaded text embedder whose model calls (encode_chunks) go through `encode_chunks` instead.
+    """A loaded text embedder whose model calls (encode_windows) go through `encode_windows` instead.
 
     Everything else, the warm-up at loading included, is the real embedder's: a way to inject a
     fault (a model call that fails, hangs or is slow) around the real model without loading it again.
     """
 
-    def __init__(self, real, encode_chunks: Callable) -> None:
+    def __init__(self, real, encode_windows: Callable) -> None:
         self._real = real
-        self.encode_chunks = encode_chunks
+        self.encode_windows = encode_windows
 
     def __getattr__(self, name: str):
         return getattr(self._real, name)
 
 
 @contextmanager
-def service_around_model(settings: Settings, text_embedder, encode_chunks: Callable) -> Iterator[EmbeddingService]:
-    """A running service on the already loaded model, its model calls going through encode_chunks."""
+def service_around_model(settings: Settings, text_embedder, encode_windows: Callable,
+                         hooks: ServiceHooks = ServiceHooks()) -> Iterator[EmbeddingService]:
+    """A running service on the already loaded model, its model calls going through encode_windows."""
     def load(_: Settings) -> LoadedModels:
         engine = text_embedder.encoder
-        return LoadedModels(EmbedderAround(text_embedder, encode_chunks), None, engine.name, engine.precision)
+        return LoadedModels(EmbedderAround(text_embedder, encode_windows), None, engine.name, engine.precision)
 
-    with running_service(settings, load) as service:
+    with running_service(settings, load, hooks) as service:
         yield service
 
 
 @pytest.fixture(scope="session")
-def loaded_service(test_settings) -> EmbeddingService:
-    with running_service(test_settings) as service:
+def loaded_models(test_settings) -> LoadedModels:
+    """The bundled model, exported, self-checked and compiled once per test session."""
+    return load_models(test_settings)
+
+
+@pytest.fixture(scope="session")
+def loaded_service(test_settings, loaded_models) -> EmbeddingService:
+    with running_service(test_settings, lambda _: loaded_models) as service:
         yield service
 
 
 @pytest.fixture(scope="session")
-def text_embedder(loaded_service):
-    return loaded_service._ready_text_embedder()
+def text_embedder(loaded_models):
+    return loaded_models.text
 
 
 @pytest.fixture(scope="session")
@@ -198,10 +242,11 @@ def torch_service(test_settings) -> EmbeddingService:
 
 
 @pytest.fixture(scope="session")
-def server(test_settings, loaded_service):
-    live = start_live_server(create_app(test_settings, loaded_service))
+def server(test_settings, loaded_models):
+    live = start_live_server(create_app(test_settings, sharing(loaded_models)))
     yield live
     live.stop()
+    live.service.stop()
 
 
 @pytest.fixture(scope="session")
@@ -222,26 +267,32 @@ def tiny_clip_model(tiny_clip_settings):
 
 
 @pytest.fixture(scope="session")
-def tiny_clip_service(tiny_clip_settings) -> EmbeddingService:
-    with running_service(tiny_clip_settings) as service:
+def tiny_clip_models(tiny_clip_settings) -> LoadedModels:
+    return load_models(tiny_clip_settings)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_service(tiny_clip_settings, tiny_clip_models) -> EmbeddingService:
+    with running_service(tiny_clip_settings, lambda _: tiny_clip_models) as service:
         yield service
 
 
 @pytest.fixture(scope="session")
-def tiny_clip_server(tiny_clip_settings, tiny_clip_service):
+def tiny_clip_server(tiny_clip_settings, tiny_clip_models):
     """A real server on loopback with text and image routes live (the tiny CLIP)."""
-    live = start_live_server(create_app(tiny_clip_settings, tiny_clip_service))
+    live = start_live_server(create_app(tiny_clip_settings, sharing(tiny_clip_models)))
     yield live
     live.stop()
+    live.service.stop()
 
 
 @contextmanager
-def servers_on(settings: Settings, service: EmbeddingService) -> Iterator[Callable[..., LiveServer]]:
-    """A function that starts a server on a loaded service with some settings changed; all are stopped after."""
+def servers_on(settings: Settings, models: LoadedModels) -> Iterator[Callable[..., LiveServer]]:
+    """A function that starts a server on loaded models with some settings changed; all are stopped after."""
     started = []
 
     def start(**changes) -> LiveServer:
-        live = start_live_server(create_app(replace(settings, **changes), service))
+        live = start_live_server(create_app(replace(settings, **changes), sharing(models)))
         started.append(live)
         return live
 
@@ -250,19 +301,20 @@ def servers_on(settings: Settings, service: EmbeddingService) -> Iterator[Callab
     finally:
         for live in started:
             live.stop()
+            live.service.stop()
 
 
 @pytest.fixture
-def server_with(test_settings, loaded_service):
+def server_with(test_settings, loaded_models):
     """Start a server on the loaded model with some settings changed."""
-    with servers_on(test_settings, loaded_service) as start:
+    with servers_on(test_settings, loaded_models) as start:
         yield start
 
 
 @pytest.fixture
-def clip_server_with(tiny_clip_settings, tiny_clip_service):
+def clip_server_with(tiny_clip_settings, tiny_clip_models):
     """Start a server on the tiny CLIP with some settings changed."""
-    with servers_on(tiny_clip_settings, tiny_clip_service) as start:
+    with servers_on(tiny_clip_settings, tiny_clip_models) as start:
         yield start
 
 

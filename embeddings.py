@@ -1,10 +1,10 @@
-"""Text embeddings: tokenize once, chunk long texts, encode in batches, average.
+"""Text embeddings: tokenize once, split long texts into windows, encode in batches, average.
 
 A text longer than the model's maximum sequence length is split into
 consecutive windows of token ids. Each window is one model input; the window
 vectors are averaged, weighted by how many tokens each window holds, and
-L2-normalised again when the model normalises its own output. The ids used for
-chunking are the ids fed to the model: every text is tokenized exactly once.
+L2-normalised again when the model normalises its own output. The ids split into
+windows are the ids fed to the model: every text is tokenized exactly once.
 
 The forward passes run on an inference engine (openvino_engine.py, or
 torch_engine.py as the fallback); this module only builds their inputs.
@@ -39,11 +39,11 @@ class TextModelShape:
 @dataclass(frozen=True)
 class TokenizedText:
     """One text as the windows of content token ids the model will see."""
-    chunks: list[list[int]]
+    windows: list[list[int]]
 
     @property
     def token_count(self) -> int:
-        return sum(len(chunk) for chunk in self.chunks)
+        return sum(len(window) for window in self.windows)
 
 
 class TextEmbedder:
@@ -63,11 +63,11 @@ class TextEmbedder:
 
     def tokenize(self, texts: Sequence[str]) -> list[TokenizedText]:
         """Tokenize every text once and split its ids into model-sized windows."""
-        return [TokenizedText(chunk_token_ids(ids, self.window_size)) for ids in self.tokenizer.token_ids(texts)]
+        return [TokenizedText(split_into_windows(ids, self.window_size)) for ids in self.tokenizer.token_ids(texts)]
 
     def tokenized_from_ids(self, token_id_lists: Sequence[Sequence[int]]) -> list[TokenizedText]:
         """Texts given as the model's own token ids, split into windows like tokenized text."""
-        return [TokenizedText(chunk_token_ids(list(ids), self.window_size)) for ids in token_id_lists]
+        return [TokenizedText(split_into_windows(list(ids), self.window_size)) for ids in token_id_lists]
 
     @property
     def vocabulary_size(self) -> int:
@@ -75,31 +75,31 @@ class TextEmbedder:
 
     def tokens_processed(self, text: TokenizedText) -> int:
         """Tokens the model processes for a text, special tokens of every window included."""
-        return sum(self.tokens_per_chunk(chunk) for chunk in text.chunks)
+        return sum(self.tokens_per_window(window) for window in text.windows)
 
-    def encode_chunks(self, chunks: Sequence[Sequence[int]]) -> np.ndarray:
+    def encode_windows(self, windows: Sequence[Sequence[int]]) -> np.ndarray:
         """One vector per window, in input order.
 
         Windows are grouped by length into forward passes of at most max_batch_size
         windows and max_batch_tokens padded tokens, so each pass pads as little as possible.
         """
-        vectors = np.empty((len(chunks), self.dimension), dtype=np.float32)
-        lengths = [self.tokens_per_chunk(chunk) for chunk in chunks]
+        vectors = np.empty((len(windows), self.dimension), dtype=np.float32)
+        lengths = [self.tokens_per_window(window) for window in windows]
         for group in plan_forward_passes(lengths, self.max_batch_tokens, self.max_batch_size):
-            vectors[group] = self._forward([chunks[index] for index in group])
+            vectors[group] = self._forward([windows[index] for index in group])
         return vectors
 
-    def tokens_per_chunk(self, chunk: Sequence[int]) -> int:
+    def tokens_per_window(self, window: Sequence[int]) -> int:
         """Tokens the model reads for one window, special tokens included."""
-        return len(chunk) + len(self.prefix_ids) + len(self.suffix_ids)
+        return len(window) + len(self.prefix_ids) + len(self.suffix_ids)
 
-    def _forward(self, chunks: Sequence[Sequence[int]]) -> np.ndarray:
-        input_ids, attention_mask = self.model_inputs(chunks)
+    def _forward(self, windows: Sequence[Sequence[int]]) -> np.ndarray:
+        input_ids, attention_mask = self.model_inputs(windows)
         return np.asarray(self.encoder.encode_text(input_ids, attention_mask), dtype=np.float32)
 
-    def model_inputs(self, chunks: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    def model_inputs(self, windows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
         """Windows framed by the special tokens and padded to the longest: input ids and attention mask."""
-        sequences = [self.prefix_ids + list(chunk) + self.suffix_ids for chunk in chunks]
+        sequences = [self.prefix_ids + list(window) + self.suffix_ids for window in windows]
         longest = max(len(sequence) for sequence in sequences)
         input_ids = np.full((len(sequences), longest), self.tokenizer.pad_id, dtype=np.int64)
         attention_mask = np.zeros((len(sequences), longest), dtype=np.int64)
@@ -108,37 +108,34 @@ class TextEmbedder:
             attention_mask[row, :len(sequence)] = 1
         return input_ids, attention_mask
 
-    def combine(self, text: TokenizedText, chunk_vectors: np.ndarray) -> np.ndarray:
+    def combine(self, text: TokenizedText, window_vectors: np.ndarray) -> np.ndarray:
         """Average a text's window vectors, weighted by their token counts."""
-        if len(text.chunks) == 1:
-            return chunk_vectors[0]
-        weights = np.array([max(len(chunk), 1) for chunk in text.chunks], dtype=np.float32)
-        vector = (chunk_vectors * weights[:, None]).sum(axis=0) / weights.sum()
+        if len(text.windows) == 1:
+            return window_vectors[0]
+        weights = np.array([max(len(window), 1) for window in text.windows], dtype=np.float32)
+        vector = (window_vectors * weights[:, None]).sum(axis=0) / weights.sum()
         if self.normalizes:
             vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
         return vector.astype(np.float32)
 
-    def embed_tokenized(self, texts: Sequence[TokenizedText]) -> list[np.ndarray]:
-        """Encode the windows of all texts together, then give each text its own vector."""
-        return self.combine_all(texts, self.encode_chunks(all_chunks(texts)))
-
-    def combine_all(self, texts: Sequence[TokenizedText], chunk_vectors: np.ndarray) -> list[np.ndarray]:
-        """Split the vectors of all_chunks(texts) back per text and combine each text's windows."""
+    def combine_all(self, texts: Sequence[TokenizedText], window_vectors: np.ndarray) -> list[np.ndarray]:
+        """Split the vectors of all_windows(texts) back per text and combine each text's windows."""
         vectors, start = [], 0
         for text in texts:
-            end = start + len(text.chunks)
-            vectors.append(self.combine(text, chunk_vectors[start:end]))
+            end = start + len(text.windows)
+            vectors.append(self.combine(text, window_vectors[start:end]))
             start = end
         return vectors
 
     def embed(self, texts: Sequence[str]) -> list[np.ndarray]:
         """One vector per text, in input order."""
-        return self.embed_tokenized(self.tokenize(texts))
+        tokenized = self.tokenize(texts)
+        return self.combine_all(tokenized, self.encode_windows(all_windows(tokenized)))
 
 
-def all_chunks(texts: Sequence[TokenizedText]) -> list[list[int]]:
+def all_windows(texts: Sequence[TokenizedText]) -> list[list[int]]:
     """Every window of every text, text after text."""
-    return [chunk for text in texts for chunk in text.chunks]
+    return [window for text in texts for window in text.windows]
 
 
 def plan_forward_passes(lengths: Sequence[int], max_tokens: int, max_windows: int) -> list[list[int]]:
@@ -161,7 +158,7 @@ def plan_forward_passes(lengths: Sequence[int], max_tokens: int, max_windows: in
     return passes
 
 
-def chunk_token_ids(token_ids: Sequence[int], window_size: int) -> list[list[int]]:
+def split_into_windows(token_ids: Sequence[int], window_size: int) -> list[list[int]]:
     """Split token ids into consecutive windows of at most window_size ids (at least one window)."""
     if window_size <= 0:
         raise ValueError("window_size must be positive")

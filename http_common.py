@@ -1,46 +1,31 @@
-"""What both APIs use to read a request: the API key, the body, the validators and the limits.
+"""What every API uses to read a request and answer it: the API key, the body, the validators, the
+service's calls with each item's place, and the answer to an error.
 
 main.py (the service's own routes) and openai_api.py (the OpenAI-compatible routes) build on this
-module, and it on neither. One set of limits and one set of validators serves both; an ApiError
-becomes each API's own error envelope (main.py answers it).
-
-Texts are limited in tokens: each text is tokenized once, here, and its token count checked
-before its windows are queued for the model. A cheap character bound (MAX_TEXT_LENGTH) is checked
-before tokenizing, so no text costs much to tokenize.
+module, and it on neither. One set of validators serves both; the embedding service holds every text
+to the token limits and names the item at fault by its index, which becomes the item's place in the
+request here (texts[3], input[3]). An error becomes each API's own envelope through `error_answer`.
 """
 from __future__ import annotations
 
 import hmac
 import json
+import logging
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
-from flask import current_app, request
+from flask import Response, current_app, jsonify, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from config import Settings
-from embeddings import TokenizedText
-from image_embeddings import ImageInputError, ImageTooLargeError, check_byte_size, decode_base64_image
-from model_locator import served_model_id
+from errors import ApiError, ItemError
+from image_embeddings import check_byte_size, decode_base64_image
+from model_locator import served_model_id, without_local_paths
 from observability import count_work
 from service import EmbeddingResult, EmbeddingService
 
-
-class ApiError(Exception):
-    """An error answered to the client as JSON with its HTTP status.
-
-    `param` (the request field at fault) and `code` (a machine-readable reason)
-    appear only in the OpenAI error envelope.
-    """
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None,
-                 param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers or {}
-        self.param = param
-        self.code = code
+logger = logging.getLogger(__name__)
 
 
 def settings() -> Settings:
@@ -161,71 +146,6 @@ def places(where: str, count: int) -> list[str]:
     return [f"{where}[{index}]" for index in range(count)]
 
 
-# --- tokens -----------------------------------------------------------------
-
-class RequestTokens:
-    """One request's tokens, counted text by text against MAX_TOKENS_PER_TEXT and MAX_TOKENS_PER_REQUEST."""
-
-    def __init__(self) -> None:
-        self.total = 0
-
-    def add(self, tokens: int, place: str) -> None:
-        """Count one text's tokens: a 413 that says how many there are and the limit when a limit is passed."""
-        check_text_tokens(tokens, place)
-        self.total += tokens
-        limit = settings().max_tokens_per_request
-        if self.total > limit:
-            raise ApiError(413, f"The texts up to {place} have {self.total} tokens; the limit per request is "
-                                f"{limit} (MAX_TOKENS_PER_REQUEST): send them in several requests")
-
-
-def check_text_tokens(tokens: int, place: str) -> None:
-    limit = settings().max_tokens_per_text
-    if tokens > limit:
-        raise ApiError(413, f"{place} has {tokens} tokens; the limit is {limit} (MAX_TOKENS_PER_TEXT)")
-
-
-# The character guard of MAX_TEXT_LENGTH, for all texts of a request: characters per token allowed.
-CHARACTERS_PER_TOKEN_GUARD = 32
-
-
-def tokenize_within_limits(texts: Sequence[str], text_places: Sequence[str]) -> list[TokenizedText]:
-    """Each text tokenized once, in order, to be counted against the limits and then embedded.
-
-    Tokenizing stops at the first text past a limit, so a refused request costs about as
-    much as the largest accepted one, however much text it sent. All texts together are held to
-    32 characters per token of MAX_TOKENS_PER_REQUEST before any is tokenized: a hundred texts
-    that each pass the per-text guard but hold few tokens (long unsplittable strings) would
-    otherwise cost seconds of tokenizing.
-    """
-    characters, limit = sum(map(len, texts)), CHARACTERS_PER_TOKEN_GUARD * settings().max_tokens_per_request
-    if characters > limit:
-        raise ApiError(413, f"The texts hold {characters} characters in all; the limit per request is {limit} "
-                            f"({CHARACTERS_PER_TOKEN_GUARD} characters per token of MAX_TOKENS_PER_REQUEST): "
-                            f"send them in several requests")
-    counted, tokenized = RequestTokens(), []
-    for text, place in zip(texts, text_places):
-        [one] = embedding_service().tokenize([text])
-        counted.add(one.token_count, place)
-        tokenized.append(one)
-    return tokenized
-
-
-def token_ids_within_limits(id_lists: Sequence[list[int]], text_places: Sequence[str]) -> list[TokenizedText]:
-    """Texts given as token ids, held to the limits of tokenized text."""
-    counted = RequestTokens()
-    for ids, place in zip(id_lists, text_places):
-        counted.add(len(ids), place)
-    return embedding_service().tokenized_from_ids(id_lists)
-
-
-def embed_tokenized(texts: Sequence[TokenizedText]) -> EmbeddingResult:
-    """The texts' vectors, their tokens counted for the request log and metrics."""
-    result = embedding_service().embed_tokenized(texts)
-    count_work(tokens=result.token_count)
-    return result
-
-
 # --- images -----------------------------------------------------------------
 
 def require_image_support(image_at: str | None = None) -> None:
@@ -253,7 +173,7 @@ def validate_image_string(value: Any, where: str) -> bytes:
     """The image bytes of a base64 string or data URI."""
     if not isinstance(value, str):
         raise ApiError(400, f"{where} must be a base64 string or data URI, got {json_type(value)}")
-    with image_errors(where):
+    with naming_items([where]):
         return decode_base64_image(value, settings().max_image_size)
 
 
@@ -273,30 +193,79 @@ def read_uploaded_image(field: str) -> bytes:
         raise ApiError(400, f"Missing file field {field!r} in the multipart form: upload it with "
                             f"-F {field}=@picture.jpg")
     limit = settings().max_image_size
-    with image_errors(field):
+    with naming_items([field]):
         # One byte over the limit is enough to know the file is too large.
         return check_byte_size(upload.stream.read(limit + 1), limit)
 
 
+# --- the service's calls ----------------------------------------------------------
+
 @contextmanager
-def image_errors(where: str) -> Iterator[None]:
-    """Turn an unusable image into a 400, or a 413 when it is over a limit, naming where it was."""
+def naming_items(item_places: Sequence[str]) -> Iterator[None]:
+    """An error about one item of the request, with the item named by its place in the request."""
     try:
         yield
-    except ImageInputError as error:
-        raise image_error(error, where) from None
+    except ItemError as error:
+        raise error.at(item_places[error.index or 0]) from None
 
 
-def image_error(error: ImageInputError, where: str) -> ApiError:
-    return ApiError(413 if isinstance(error, ImageTooLargeError) else 400, f"{where} {error}")
+def embed_texts(texts: Sequence[str], text_places: Sequence[str]) -> EmbeddingResult:
+    """The texts' vectors, their tokens counted for the request log and metrics."""
+    with naming_items(text_places):
+        result = embedding_service().embed_texts(texts)
+    count_work(tokens=result.token_count)
+    return result
+
+
+def embed_token_ids(token_id_lists: Sequence[list[int]], text_places: Sequence[str]) -> EmbeddingResult:
+    """The vectors of texts given as the model's token ids, counted like texts."""
+    with naming_items(text_places):
+        result = embedding_service().embed_token_ids(token_id_lists)
+    count_work(tokens=result.token_count)
+    return result
 
 
 def embed_images(images: Sequence[bytes], image_places: Sequence[str]) -> list[np.ndarray]:
     """One vector per image file's bytes, each an image's place in the request, which errors name."""
-    try:
+    with naming_items(image_places):
         vectors = embedding_service().embed_images(images)
-    except ImageInputError as error:
-        # The service numbers the images it was given; the client needs the place in its own request.
-        raise image_error(error, image_places[error.index or 0]) from None
     count_work(images=len(images))
     return vectors
+
+
+# --- errors ---------------------------------------------------------------------
+
+def error_answer(error: Exception, envelope: Callable[[ApiError, str], dict[str, Any]]) -> Response:
+    """Any error raised while handling a request, answered as JSON in an API's envelope with its status."""
+    answered = as_api_error(error)
+    message = answered.message
+    if answered.shows_local_reason:
+        message = without_local_paths(message, settings().embedding_model)
+    response = jsonify(envelope(answered, message))
+    response.status_code = answered.status
+    response.headers.update(answered.headers)
+    return response
+
+
+def as_api_error(error: Exception) -> ApiError:
+    if isinstance(error, ApiError):
+        return error
+    if isinstance(error, RequestEntityTooLarge):
+        return ApiError(413, f"Request body is larger than the limit of {settings().max_request_size} bytes "
+                             f"(MAX_REQUEST_SIZE)", code="request_too_large")
+    if isinstance(error, HTTPException):
+        return http_error(error)
+    logger.exception("Unexpected error on %s %s", request.method, request.path)
+    return ApiError(500, "Internal error while handling the request; it has been logged", code="internal_error")
+
+
+def http_error(error: HTTPException) -> ApiError:
+    """Flask's own errors (no route, a method not allowed) in the service's words."""
+    if error.code == 404:
+        return ApiError(404, f"No route {request.path}: see GET /docs or the README for the routes this service has",
+                        code="not_found")
+    if error.code == 405:
+        allowed = {"Allow": ", ".join(error.valid_methods)} if error.valid_methods else {}
+        return ApiError(405, f"Method {request.method} is not allowed on {request.path}", code="method_not_allowed",
+                        headers=allowed)
+    return ApiError(error.code or 500, error.description or error.name)

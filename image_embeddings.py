@@ -27,6 +27,8 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
+from errors import ItemError
+
 # The formats the service accepts. Pillow's JPEG opener also reads the MPO files many phone
 # cameras write (a JPEG with preview pictures appended); only the first picture is decoded.
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
@@ -61,17 +63,22 @@ UPRIGHT_TURNS = {
 }
 
 
-class ImageInputError(ValueError):
-    """An uploaded image cannot be used; the message says why in words a person can act on.
+class ImageInputError(ItemError):
+    """An uploaded image cannot be used (400); the message says why in words a person can act on.
 
-    The message completes a sentence that starts with where the image was ("image[2] ...").
+    The message completes a sentence that starts with where the image was ("image[2] ..."); `index` is
+    the image's position in a batch, set when a batch is prepared.
     """
-    # Position of the image in a batch, set when a batch is prepared.
-    index: int | None = None
+
+    def __init__(self, detail: str, status: int = 400) -> None:
+        super().__init__(status, detail)
 
 
 class ImageTooLargeError(ImageInputError):
-    """An uploaded image is over a size or pixel limit."""
+    """An uploaded image is over a size or pixel limit (413)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, status=413)
 
 
 # --- decoding ---------------------------------------------------------------

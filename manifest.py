@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
 
-# Short, long (chunked on every model), multilingual and emoji texts: what users send.
+# Short, long (split into windows on every model), multilingual and emoji texts: what users send.
 LONG_PROBE = " ".join(
     f"Paragraph {number}: the river bends past the old mill, where engineers measured the flow of water "
     f"through the turbines and wrote down how much power each season gave the village."

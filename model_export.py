@@ -11,7 +11,7 @@ pulls in a much larger dependency tree for no gain here.
 The weights are saved in f32 (OpenVINO would otherwise halve them to f16);
 the precision used for serving is picked when the model is compiled. The
 manifest next to the model files records reference vectors of the probe set
-computed by the torch model through the same tokenizing and chunking, for the
+computed by the torch model through the same tokenizing and windows, for the
 start-up self-check (self_check.py).
 """
 from __future__ import annotations

@@ -20,7 +20,7 @@ from prometheus_client import multiprocess
 
 if TYPE_CHECKING:
     from batcher import BatchStats
-    from service import EmbeddingService, LoadReport
+    from service import LoadReport
 
 request_logger = logging.getLogger("embedder.requests")
 
@@ -59,7 +59,7 @@ class Metrics:
         self.images = Counter("embedder_images_total", "Images embedded", registry=registry)
         self.batch_requests = Histogram("embedder_batch_requests", "Requests served by one model batch",
                                         buckets=(1, 2, 4, 8, 16, 32, 64), registry=registry)
-        self.batch_windows = Histogram("embedder_batch_windows", "Windows (chunks) encoded in one model batch",
+        self.batch_windows = Histogram("embedder_batch_windows", "Windows encoded in one model batch",
                                        buckets=(1, 4, 8, 16, 32, 64, 128, 256), registry=registry)
         self.queue_depth = Gauge("embedder_queue_depth", "Requests waiting for the model",
                                  multiprocess_mode="livesum", registry=registry)
@@ -122,12 +122,6 @@ def install(app: Flask, metrics: Metrics) -> None:
     """Time and log every request, and count it in the metrics."""
     app.before_request(_start_request)
     app.after_request(lambda response: _finish_request(metrics, response))
-
-
-def watch_model(service: EmbeddingService, metrics: Metrics) -> None:
-    """Record every model batch, and the load once the model has loaded."""
-    service.observe_batches(metrics.record_batch)
-    service.observe_load(metrics.record_load)
 
 
 def count_work(tokens: int = 0, images: int = 0) -> None:

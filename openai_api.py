@@ -3,7 +3,7 @@
 They let the official OpenAI client, and frameworks built on it, use this
 service by changing only the base URL and the key. Requests are read and
 validated with http_common.py, as the service's own routes are; errors use
-OpenAI's envelope (main.py picks it for every path under /v1).
+OpenAI's envelope, answered by this blueprint's own error handler.
 """
 from __future__ import annotations
 
@@ -13,24 +13,35 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 import numpy as np
-from flask import Blueprint, jsonify
+from flask import Blueprint, Response, jsonify
 
-from embeddings import TokenizedText
-from http_common import (ApiError, check_image_count, check_text_count, check_text_tokens, embed_images,
-                         embed_tokenized, embedding_service, json_type, read_json_object, require_api_key,
-                         require_field, require_image_support, settings, token_ids_within_limits,
-                         tokenize_within_limits, validate_image_string, validate_text)
+from errors import ApiError
+from http_common import (check_image_count, check_text_count, embed_images, embed_texts, embed_token_ids,
+                         embedding_service, error_answer, json_type, read_json_object, require_api_key,
+                         require_field, require_image_support, settings, validate_image_string, validate_text)
 from model_locator import hub_id, served_model_id
 
 # Routes under this prefix speak the OpenAI API, errors included.
 OPENAI_PREFIX = "/v1"
 
-openai_api = Blueprint("openai", __name__)
-openai_api.before_request(require_api_key)
-
 ENCODING_FORMATS = ("float", "base64")
 IMAGE_DATA_URI_PREFIX = "data:image/"
 OWNED_BY = "vector-embedder"
+
+openai_api = Blueprint("openai", __name__)
+openai_api.before_request(require_api_key)
+
+
+def openai_envelope(error: ApiError, message: str) -> dict[str, Any]:
+    """OpenAI's error envelope; clients built on the OpenAI SDK read `message` from it."""
+    # 429 is the server being busy, not the request being wrong.
+    kind = "server_error" if error.status >= 500 or error.status == 429 else "invalid_request_error"
+    return {"error": {"message": message, "type": kind, "param": error.param, "code": error.code}}
+
+
+@openai_api.errorhandler(Exception)
+def answer_openai_error(error: Exception) -> Response:
+    return error_answer(error, openai_envelope)
 
 
 # --- the served model's names ---------------------------------------------
@@ -60,11 +71,12 @@ def validate_model(value: Any) -> str:
 
 @contextmanager
 def blame(param: str) -> Iterator[None]:
-    """Name the request field at fault in errors raised by the shared validators."""
+    """Name the request field at fault in the errors it causes (not in the service being busy or down)."""
     try:
         yield
     except ApiError as error:
-        error.param = error.param or param
+        if error.status < 500 and error.status != 429:
+            error.param = error.param or param
         raise
 
 
@@ -144,7 +156,6 @@ def validate_strings(items: list[str], single: bool) -> Input:
 def validate_token_ids(value: list[Any], where: str) -> list[int]:
     if not value:
         raise ApiError(400, f"{where} is an empty array of token ids: send at least one token")
-    check_text_tokens(len(value), where)
     vocabulary_size = embedding_service().vocabulary_size()
     for index, token in enumerate(value):
         if not is_token_id(token) or not 0 <= token < vocabulary_size:
@@ -160,26 +171,20 @@ def is_image_data_uri(item: Any) -> bool:
 # --- embedding --------------------------------------------------------------
 
 def embed_input(items: Input) -> tuple[list[np.ndarray], int]:
-    """One vector per item in input order, and the tokens processed (images count none: usage is about text)."""
+    """One vector per item in input order, and the tokens processed (images count none: usage is about text).
+
+    Texts go first: they are held to their limits before anything of the request reaches the model.
+    """
     vectors: dict[int, np.ndarray] = {}
     token_count = 0
-    # Texts are held to their limits first and images decoded next, both before any text reaches the
-    # model: a refused text or a damaged image then costs no model time.
-    tokenized = tokenize_input(items) if items.texts or items.token_ids else []
-    if items.images:
-        vectors.update(zip(items.images, embed_images(list(items.images.values()), items.places(items.images))))
-    if tokenized:
-        result = embed_tokenized(tokenized)
+    if items.texts or items.token_ids:
+        result = (embed_token_ids(list(items.token_ids.values()), items.places(items.token_ids)) if items.token_ids
+                  else embed_texts(list(items.texts.values()), items.places(items.texts)))
         vectors.update(zip([*items.texts, *items.token_ids], result.vectors))
         token_count = result.token_count
+    if items.images:
+        vectors.update(zip(items.images, embed_images(list(items.images.values()), items.places(items.images))))
     return [vectors[index] for index in sorted(vectors)], token_count
-
-
-def tokenize_input(items: Input) -> list[TokenizedText]:
-    """The texts, or token id lists, of input: tokenized once and held to the token limits before they are queued."""
-    if items.token_ids:
-        return token_ids_within_limits(list(items.token_ids.values()), items.places(items.token_ids))
-    return tokenize_within_limits(list(items.texts.values()), items.places(items.texts))
 
 
 def shorten(vector: np.ndarray, dimensions: int | None) -> np.ndarray:

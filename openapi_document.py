@@ -124,7 +124,7 @@ SCHEMAS: dict[str, Any] = {
         "type": "object", "required": ["text"],
         "properties": {"text": {"type": "string", "minLength": 1,
                                 "description": "At most MAX_TOKENS_PER_TEXT tokens (8192 by default); longer "
-                                               "than the model's window is chunked and averaged."}},
+                                               "than the model's window is split into windows and averaged."}},
     },
     "TextBatchRequest": {
         "type": "object", "required": ["texts"],
@@ -218,7 +218,7 @@ SCHEMAS: dict[str, Any] = {
                     "owned_by": {"type": "string"},
                     "dimension": {"type": "integer", "minimum": 1},
                     "max_sequence_length": {"type": "integer", "minimum": 1,
-                                            "description": "Tokens per window; longer inputs are chunked."},
+                                            "description": "Tokens per window; longer inputs are split into windows."},
                 },
             }},
         },

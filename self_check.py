@@ -2,7 +2,7 @@
 
 The export wrote reference vectors computed by the torch model (manifest.py).
 Before the service reports ready, the engine encodes the same probes through
-the serving pipeline (tokenizer, chunking, averaging; image preprocessing) and
+the serving pipeline (tokenizer, windows, averaging; image preprocessing) and
 every vector must point the same way as its reference. A manifest that does
 not belong to its model files (edited, truncated, another model's) fails here.
 """

@@ -1,7 +1,10 @@
 """The model behind the routes: loaded in the background, then asked for vectors.
 
-The web layer asks this object whether the model is ready and hands it
-validated inputs; it never touches the model itself.
+The web layer asks this object whether the model is ready and hands it the validated texts, token ids
+or image files of one request; it never touches the model itself. One call serves a request's texts:
+it tokenizes them, holds them to the token limits, queues their windows for the model thread, waits,
+and returns their vectors. Errors say which item of the request they are about by its index; each API
+names the item in its own words.
 """
 from __future__ import annotations
 
@@ -13,11 +16,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-import worker_registry
 from batcher import Batcher, BatchLimits, BatchStats
 from config import Settings
-from embeddings import TextEmbedder, TokenizedText, all_chunks
-from image_embeddings import ImageEmbedder
+from embeddings import TextEmbedder, TokenizedText, all_windows
+from errors import LOADING_RETRY_AFTER, ApiError, ItemError
 from model_loading import LoadedModels, load_models
 
 logger = logging.getLogger(__name__)
@@ -28,14 +30,26 @@ IMAGE_DECODE_SLOTS = 2
 # costs its model about as much as 35 tokens of its text tower, ViT-B/16 about 140 and
 # ViT-L/14 about 330 (arithmetic from the models' shapes, not measured); decoding comes on top.
 IMAGE_WORK_TOKENS = 256
+# The character guard of a request's texts: characters allowed per token of MAX_TOKENS_PER_REQUEST.
+CHARACTERS_PER_TOKEN_GUARD = 32
 
 
-class ModelNotReadyError(RuntimeError):
-    """The model is still loading, or failed to load."""
+class ModelLoadingError(ApiError):
+    """The model is still loading."""
+
+    def __init__(self) -> None:
+        super().__init__(503, "The model is still loading; retry when GET /health/ready answers 200",
+                         code="model_loading", retry_after=LOADING_RETRY_AFTER)
 
 
-class ImagesNotSupportedError(RuntimeError):
-    """The loaded model embeds text only."""
+class ModelLoadFailedError(ApiError):
+    """The model failed to load: nothing can be served until the instance is fixed and restarted."""
+
+    shows_local_reason = True
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(503, f"The model failed to load, so no embeddings can be made: {reason}",
+                         code="model_load_failed")
 
 
 @dataclass(frozen=True)
@@ -46,28 +60,70 @@ class LoadReport:
     load_seconds: float
 
 
+def _ignore(_: object) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class ServiceHooks:
+    """What the app wants told: once, when the model is ready; after every model batch."""
+    on_ready: Callable[[LoadReport], None] = _ignore
+    on_batch: Callable[[BatchStats], None] = _ignore
+
+
 @dataclass(frozen=True)
 class EmbeddingResult:
     vectors: list[np.ndarray]  # one per input, in input order
     token_count: int  # tokens the model processed, special tokens included
 
 
+class RequestTokens:
+    """One request's tokens, counted text by text against MAX_TOKENS_PER_TEXT and MAX_TOKENS_PER_REQUEST."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.per_text = settings.max_tokens_per_text
+        self.per_request = settings.max_tokens_per_request
+        self.total = 0
+
+    def add(self, tokens: int, index: int) -> None:
+        """Count the tokens of the text at `index`: an ItemError (413) with the count and the limit past one."""
+        if tokens > self.per_text:
+            raise ItemError(413, f"has {tokens} tokens; the limit is {self.per_text} (MAX_TOKENS_PER_TEXT)", index)
+        self.total += tokens
+        if self.total > self.per_request:
+            raise ItemError(413, f"have {self.total} tokens; the limit per request is {self.per_request} "
+                                 f"(MAX_TOKENS_PER_REQUEST): send them in several requests", index,
+                            lead="The texts up to ")
+
+
+def check_request_characters(texts: Sequence[str], max_tokens_per_request: int) -> None:
+    """All texts of a request held to CHARACTERS_PER_TOKEN_GUARD characters per token of the request's limit.
+
+    Checked before any text is tokenized: a hundred texts that each pass MAX_TEXT_LENGTH but hold few
+    tokens (long unsplittable strings) would otherwise cost seconds of tokenizing.
+    """
+    characters, limit = sum(map(len, texts)), CHARACTERS_PER_TOKEN_GUARD * max_tokens_per_request
+    if characters > limit:
+        raise ApiError(413, f"The texts hold {characters} characters in all; the limit per request is {limit} "
+                            f"({CHARACTERS_PER_TOKEN_GUARD} characters per token of MAX_TOKENS_PER_REQUEST): "
+                            f"send them in several requests")
+
+
 class EmbeddingService:
-    def __init__(self, settings: Settings,
+    def __init__(self, settings: Settings, hooks: ServiceHooks = ServiceHooks(),
                  load: Callable[[Settings], LoadedModels] = load_models) -> None:
         self.settings = settings
+        self._hooks = hooks
         self._load_models = load
         self._ready = threading.Event()
         self._error: str | None = None
         self._models: LoadedModels | None = None
         self._batcher: Batcher | None = None
-        self._batch_observers: list[Callable[[BatchStats], None]] = []
-        self._load_observers: list[Callable[[LoadReport], None]] = []
-        self._observers_lock = threading.Lock()
         self._loader: threading.Thread | None = None
-        self.load_seconds: float | None = None
         self.loaded_at: int | None = None  # Unix time the model became ready
         self._image_slots = threading.BoundedSemaphore(IMAGE_DECODE_SLOTS)
+
+    # --- loading ------------------------------------------------------------------
 
     def start_loading(self) -> None:
         """Load the model in a background thread so the health route answers meanwhile."""
@@ -84,48 +140,25 @@ class EmbeddingService:
             logger.error("Model %s failed to load: %s", self.settings.embedding_model, self._error)
             return
         self._models = models
-        self._batcher = Batcher(self._encode_windows, models.text.tokens_per_chunk, BatchLimits(
+        self._batcher = Batcher(models.text.encode_windows, models.text.tokens_per_window, BatchLimits(
             max_tokens=self.settings.batch_max_tokens,
             max_wait=self.settings.batch_wait_ms / 1000,
             queue_max_tokens=self.settings.queue_max_tokens,
             request_timeout=self.settings.request_timeout_seconds,
-        ), on_batch=self._record_batch)
+        ), on_batch=self._hooks.on_batch)
         self._batcher.start()
-        self.load_seconds = time.monotonic() - started
+        load_seconds = time.monotonic() - started
         self.loaded_at = int(time.time())
-        with self._observers_lock:
-            self._ready.set()
-            load_observers = list(self._load_observers)
-        worker_registry.mark_ready()
-        for observer in load_observers:
-            self._tell(observer)
+        self._ready.set()
+        try:
+            self._hooks.on_ready(LoadReport(models.engine, models.precision, load_seconds))
+        except Exception:  # metrics must never keep the model from serving
+            logger.exception("The on-ready hook failed; the model serves all the same")
         logger.info("Model %s ready in %.2f s on %s %s with %d engine threads (dimension %d, max %d tokens "
-                    "per window)", self.settings.embedding_model, self.load_seconds, self.engine, self.precision,
+                    "per window)", self.settings.embedding_model, load_seconds, models.engine, models.precision,
                     self.settings.engine_threads, models.text.dimension, models.text.max_seq_length)
 
-    @property
-    def engine(self) -> str | None:
-        """The engine serving the model, once it has loaded."""
-        return self._models.engine if self._models else None
-
-    @property
-    def precision(self) -> str | None:
-        return self._models.precision if self._models else None
-
-    @property
-    def self_check(self) -> str | None:
-        """What the start-up self-check found (exported models only)."""
-        return self._models.self_check if self._models else None
-
-    @property
-    def _images(self) -> ImageEmbedder | None:
-        return self._models.images if self._models else None  # None for a text-only model
-
-    def wait_until_loaded(self, timeout: float) -> bool:
-        """Wait for loading to end, ready or failed; True when ready."""
-        if self._loader is not None:
-            self._loader.join(timeout)
-        return self._ready.is_set()
+    # --- health -------------------------------------------------------------------
 
     def liveness(self) -> tuple[bool, dict]:
         """Alive unless the model thread has ended or is stuck: then only a restart helps."""
@@ -140,8 +173,8 @@ class EmbeddingService:
             return False, {"status": "error", "model": self.settings.embedding_model, "reason": fault}
         if self._ready.is_set():
             return True, {"status": "ready", "model": self.settings.embedding_model,
-                          "supports_images": self._images is not None,
-                          "engine": self.engine, "precision": self.precision}
+                          "supports_images": self._models.images is not None,
+                          "engine": self._models.engine, "precision": self._models.precision}
         if self._error is not None:
             return False, {"status": "error", "model": self.settings.embedding_model, "reason": self._error}
         return False, {"status": "loading"}
@@ -149,32 +182,10 @@ class EmbeddingService:
     def _model_fault(self) -> str | None:
         return self._batcher.fault() if self._batcher is not None else None
 
-    def _ready_text_embedder(self) -> TextEmbedder:
+    def _ready_models(self) -> LoadedModels:
         if not self._ready.is_set():
-            raise ModelNotReadyError(self._error or "loading")
-        return self._models.text
-
-    def embed_texts(self, texts: Sequence[str]) -> EmbeddingResult:
-        """One vector per text, in input order."""
-        return self.embed_tokenized(self.tokenize(texts))
-
-    def tokenize(self, texts: Sequence[str]) -> list[TokenizedText]:
-        """Each text's token ids in the model's windows: tokenized once, to be counted and then embedded."""
-        return self._ready_text_embedder().tokenize(texts)
-
-    def tokenized_from_ids(self, token_id_lists: Sequence[Sequence[int]]) -> list[TokenizedText]:
-        """Texts given as lists of the model's own token ids, in windows like tokenized text."""
-        return self._ready_text_embedder().tokenized_from_ids(token_id_lists)
-
-    def embed_tokenized(self, texts: Sequence[TokenizedText]) -> EmbeddingResult:
-        """One vector per tokenized text (see tokenize), in input order.
-
-        Raises QueueFullError when the queue cannot take the texts' windows, RequestTimeoutError past the deadline.
-        """
-        text_embedder = self._ready_text_embedder()
-        window_vectors = self._batcher.encode(all_chunks(texts))
-        vectors = text_embedder.combine_all(texts, window_vectors)
-        return EmbeddingResult(vectors, sum(text_embedder.tokens_processed(text) for text in texts))
+            raise ModelLoadFailedError(self._error) if self._error is not None else ModelLoadingError()
+        return self._models
 
     def ensure_room(self) -> None:
         """QueueFullError at once when the model's queue is full, for a request that has not yet read its body,
@@ -182,13 +193,44 @@ class EmbeddingService:
         if self._ready.is_set():
             self._batcher.ensure_room()
 
-    def require_image_support(self) -> ImageEmbedder:
-        """The image embedder; ModelNotReadyError while loading, ImagesNotSupportedError for a text-only model."""
-        self._ready_text_embedder()
-        if self._images is None:
-            # The HTTP layer words the answer (http_common.text_only_model_error).
-            raise ImagesNotSupportedError("the model embeds text only")
-        return self._images
+    # --- texts --------------------------------------------------------------------
+
+    def embed_texts(self, texts: Sequence[str]) -> EmbeddingResult:
+        """One vector per text, in input order, each text tokenized once and held to the limits before any
+        window is queued.
+
+        Raises ApiError (413) when all texts together hold too many characters, before any is tokenized;
+        ItemError (413), with the text's index, at the first text past a token limit: tokenizing stops
+        there, so a refused request costs about as much as the largest accepted one.
+        """
+        text = self._ready_models().text
+        check_request_characters(texts, self.settings.max_tokens_per_request)
+        counted, tokenized = RequestTokens(self.settings), []
+        for index, one_text in enumerate(texts):
+            [one] = text.tokenize([one_text])
+            counted.add(one.token_count, index)
+            tokenized.append(one)
+        return self._encode_and_combine(text, tokenized)
+
+    def embed_token_ids(self, token_id_lists: Sequence[Sequence[int]]) -> EmbeddingResult:
+        """One vector per list of the model's own token ids, held to the token limits as texts are."""
+        text = self._ready_models().text
+        counted = RequestTokens(self.settings)
+        for index, ids in enumerate(token_id_lists):
+            counted.add(len(ids), index)
+        return self._encode_and_combine(text, text.tokenized_from_ids(token_id_lists))
+
+    def _encode_and_combine(self, text: TextEmbedder, tokenized: list[TokenizedText]) -> EmbeddingResult:
+        """Raises QueueFullError when the queue cannot take the windows, RequestTimeoutError past the deadline."""
+        window_vectors = self._batcher.encode(all_windows(tokenized))
+        return EmbeddingResult(text.combine_all(tokenized, window_vectors),
+                               sum(text.tokens_processed(one) for one in tokenized))
+
+    # --- images -------------------------------------------------------------------
+
+    def supports_images(self) -> bool:
+        """True when the loaded model also embeds images (a CLIP model)."""
+        return self._ready_models().images is not None
 
     def embed_images(self, encoded_images: Sequence[bytes]) -> list[np.ndarray]:
         """One vector per image file's bytes, in input order.
@@ -197,61 +239,28 @@ class EmbeddingService:
         no image is embedded then. Images are decoded in the request's thread, then embedded on the
         model thread, counted as IMAGE_WORK_TOKENS each in its queue.
         """
-        image_embedder = self.require_image_support()
+        images = self._ready_models().images
+        if images is None:  # the routes ask supports_images() first and answer in their own words
+            raise ApiError(400, "The model embeds text only, so it cannot embed images")
         self._batcher.ensure_room()
         with self._image_slots:
-            prepared = image_embedder.prepare_encoded(encoded_images)
-        return self._batcher.run_alone(lambda: image_embedder.embed_prepared(prepared),
-                                       len(prepared) * IMAGE_WORK_TOKENS)
+            prepared = images.prepare_encoded(encoded_images)
+        return self._batcher.run_alone(lambda: images.embed_prepared(prepared), len(prepared) * IMAGE_WORK_TOKENS)
+
+    # --- the model's facts ----------------------------------------------------------
 
     def vocabulary_size(self) -> int:
-        return self._ready_text_embedder().vocabulary_size
+        return self._ready_models().text.vocabulary_size
 
     def dimension(self) -> int:
         """Components in every vector the model makes."""
-        return self._ready_text_embedder().dimension
+        return self._ready_models().text.dimension
 
     def max_sequence_length(self) -> int:
-        """Tokens in one model window, special tokens included; longer texts are chunked."""
-        return self._ready_text_embedder().max_seq_length
-
-    def supports_images(self) -> bool:
-        """True when the loaded model also embeds images (a CLIP model)."""
-        self._ready_text_embedder()
-        return self._images is not None
+        """Tokens in one model window, special tokens included; longer texts are split into windows."""
+        return self._ready_models().text.max_seq_length
 
     def stop(self) -> None:
         """Finish every accepted request, then stop the model thread."""
         if self._batcher is not None:
             self._batcher.stop()
-
-    def observe_load(self, observer: Callable[[LoadReport], None]) -> None:
-        """Call observer once the model is loaded (at once if it already is), for metrics."""
-        with self._observers_lock:
-            loaded = self._ready.is_set()
-            if not loaded:
-                self._load_observers.append(observer)
-        if loaded:
-            self._tell(observer)
-
-    def _tell(self, observer: Callable[[LoadReport], None]) -> None:
-        """An observer (metrics) that fails is logged; the model serves all the same."""
-        try:
-            observer(self._load_report())
-        except Exception:
-            logger.exception("A load observer failed")
-
-    def _load_report(self) -> LoadReport:
-        return LoadReport(self.engine, self.precision, self.load_seconds)
-
-    def observe_batches(self, observer: Callable[[BatchStats], None]) -> None:
-        """Call observer after every model batch (for metrics)."""
-        self._batch_observers.append(observer)
-
-    def _record_batch(self, stats: BatchStats) -> None:
-        for observer in self._batch_observers:
-            observer(stats)
-
-    def _encode_windows(self, windows: list[list[int]]) -> np.ndarray:
-        # Only the model thread calls this, so forward passes never compete for the cores.
-        return self._models.text.encode_chunks(windows)

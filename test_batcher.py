@@ -23,15 +23,16 @@ import requests
 from batcher import (ASSUMED_TOKENS_PER_SECOND, Batcher, BatchLimits, ModelUnavailableError, QueueFullError,
                      RequestTimeoutError, Throughput)
 from config import SettingsError, load_settings
-from conftest import (SAME_ENGINE_MIN_COSINE, TEST_API_KEY, assert_same_vectors, running_service, service_around_model,
-                      start_live_server)
+from conftest import (SAME_ENGINE_MIN_COSINE, TEST_API_KEY, assert_same_vectors, existing, running_service,
+                      service_around_model, start_live_server)
 from embeddings import plan_forward_passes
 from main import SMALL_BODY_BYTES, create_app
+from service import ServiceHooks
 
 AUTH = {"X-API-Key": TEST_API_KEY}
 QUERIES = [f"how do I cook recipe number {n} with {'rice' if n % 2 else 'beans'}" for n in range(24)]
 DOCUMENT = "A long document about the history of bridges and how they are built. " * 60
-PATIENCE = 30
+PATIENCE = 120
 LIMITS = BatchLimits(max_tokens=4096, max_wait=0.005, queue_max_tokens=32768, request_timeout=PATIENCE)
 
 
@@ -51,30 +52,24 @@ def test_plan_forward_passes_respects_both_limits_and_groups_by_length():
     assert [600] in [[lengths[index] for index in group] for group in passes]
 
 
-@pytest.fixture(scope="module")
-def batching_service(test_settings):
-    with running_service(replace(test_settings, batch_wait_ms=20)) as service:
-        yield service
+def recording_batches(batches: list[int]) -> ServiceHooks:
+    """Hooks that record how many requests each of the service's model batches served."""
+    return ServiceHooks(on_batch=lambda stats: batches.append(stats.jobs))
 
 
-def requests_per_batch(service) -> list[int]:
-    """Record how many requests each of the service's model batches served from now on."""
-    seen: list[int] = []
-    service.observe_batches(lambda stats: seen.append(stats.jobs))
-    return seen
-
-
-def test_concurrent_requests_are_batched_and_equal_unbatched_results(batching_service, text_embedder):
+def test_concurrent_requests_are_batched_and_equal_unbatched_results(test_settings, loaded_models, text_embedder):
     inputs = [[query] for query in QUERIES] + [[DOCUMENT, "short"], ["x y z", DOCUMENT, QUERIES[0]]]
     barrier = threading.Barrier(len(inputs))
 
-    def embed(texts):
-        barrier.wait()
-        return batching_service.embed_texts(texts)
+    batches: list[int] = []
+    with running_service(replace(test_settings, batch_wait_ms=20), lambda _: loaded_models,
+                         recording_batches(batches)) as service:
+        def embed(texts):
+            barrier.wait()
+            return service.embed_texts(texts)
 
-    batches = requests_per_batch(batching_service)
-    with ThreadPoolExecutor(len(inputs)) as pool:
-        results = list(pool.map(embed, inputs))
+        with ThreadPoolExecutor(len(inputs)) as pool:
+            results = list(pool.map(embed, inputs))
     for texts, result in zip(inputs, results):
         assert len(result.vectors) == len(texts)
         for text, vector in zip(texts, result.vectors):
@@ -82,9 +77,10 @@ def test_concurrent_requests_are_batched_and_equal_unbatched_results(batching_se
     assert max(batches) > 1, batches
 
 
-def test_batching_off_runs_one_request_per_batch(test_settings, text_embedder):
-    with running_service(replace(test_settings, batch_wait_ms=0)) as service:
-        batches = requests_per_batch(service)
+def test_batching_off_runs_one_request_per_batch(test_settings, loaded_models, text_embedder):
+    batches: list[int] = []
+    with running_service(replace(test_settings, batch_wait_ms=0), lambda _: loaded_models,
+                         recording_batches(batches)) as service:
         with ThreadPoolExecutor(8) as pool:
             results = list(pool.map(lambda text: service.embed_texts([text]), QUERIES[:8]))
         for text, result in zip(QUERIES, results):
@@ -110,19 +106,19 @@ class GatedEncoder:
         self.calls.append(list(windows))
         self.entered.set()
         self.gate.wait()
-        return self.text_embedder.encode_chunks(windows)
+        return self.text_embedder.encode_windows(windows)
 
 
 def windows_of(text_embedder, text):
-    return text_embedder.tokenize([text])[0].chunks
+    return text_embedder.tokenize([text])[0].windows
 
 
 def tokens_of(text_embedder, text) -> int:
-    return sum(text_embedder.tokens_per_chunk(window) for window in windows_of(text_embedder, text))
+    return sum(text_embedder.tokens_per_window(window) for window in windows_of(text_embedder, text))
 
 
 def new_batcher(encode, text_embedder, on_batch=None, clock=time.monotonic, **limit_changes) -> Batcher:
-    return Batcher(encode, text_embedder.tokens_per_chunk, replace(LIMITS, **limit_changes), on_batch, clock)
+    return Batcher(encode, text_embedder.tokens_per_window, replace(LIMITS, **limit_changes), on_batch, clock)
 
 
 @contextmanager
@@ -156,7 +152,6 @@ def test_a_full_queue_refuses_at_once_and_loses_nothing_accepted(text_embedder):
         with pytest.raises(QueueFullError):
             batcher.ensure_room()
         assert refusal.value.retry_after == max(1, math.ceil(bound / ASSUMED_TOKENS_PER_SECOND))
-        assert batcher.queued_tokens == bound
         encoder.gate.set()
         results = [in_model.result(PATIENCE)] + [batcher.wait_for(job) for job in queued]
     for text, vectors in zip(texts, results):
@@ -174,7 +169,7 @@ def test_a_job_larger_than_the_queue_bound_is_admitted_when_nothing_waits(text_e
             batcher.submit(windows_of(text_embedder, "small"))
         encoder.gate.set()
         vectors = batcher.wait_for(large)
-    expected = text_embedder.encode_chunks(windows_of(text_embedder, DOCUMENT))
+    expected = text_embedder.encode_windows(windows_of(text_embedder, DOCUMENT))
     assert_same_vectors(vectors, expected, SAME_ENGINE_MIN_COSINE)
 
 
@@ -189,7 +184,7 @@ def test_retry_after_is_the_time_the_queued_work_takes_at_the_measured_throughpu
 
 def test_a_lone_request_is_taken_without_waiting_for_company(text_embedder):
     # Company is awaited for up to an hour: a lone request made to wait would miss its deadline.
-    batcher = new_batcher(text_embedder.encode_chunks, text_embedder, max_wait=3600)
+    batcher = new_batcher(text_embedder.encode_windows, text_embedder, max_wait=3600)
     with running(batcher):
         for _ in range(2):  # the first request, then one after a batch of one
             assert_vector_of(text_embedder, "alone", batcher.encode(windows_of(text_embedder, "alone"))[0])
@@ -210,7 +205,7 @@ def batch_of_two_after_one(batcher: Batcher, encoder: GatedEncoder, windows) -> 
 def test_after_concurrent_traffic_the_model_thread_waits_for_company(text_embedder):
     encoder = GatedEncoder(text_embedder)
     windows = windows_of(text_embedder, "company")
-    budget = 2 * sum(text_embedder.tokens_per_chunk(window) for window in windows)
+    budget = 2 * sum(text_embedder.tokens_per_window(window) for window in windows)
     batches: list[int] = []
     batcher = new_batcher(encoder, text_embedder, lambda stats: batches.append(stats.jobs),
                           max_wait=3600, max_tokens=budget)
@@ -243,8 +238,8 @@ def test_a_large_job_runs_in_model_calls_of_at_most_the_batch_budget(text_embedd
     with running(batcher):
         vectors = batcher.encode(windows)
     assert len(encoder.calls) > 1
-    assert all(sum(text_embedder.tokens_per_chunk(window) for window in call) <= 600 for call in encoder.calls)
-    assert_same_vectors(vectors, text_embedder.encode_chunks(windows), SAME_ENGINE_MIN_COSINE)
+    assert all(sum(text_embedder.tokens_per_window(window) for window in call) <= 600 for call in encoder.calls)
+    assert_same_vectors(vectors, text_embedder.encode_windows(windows), SAME_ENGINE_MIN_COSINE)
 
 
 def test_a_failing_batch_fails_its_requests_and_the_thread_serves_on(text_embedder):
@@ -254,7 +249,7 @@ def test_a_failing_batch_fails_its_requests_and_the_thread_serves_on(text_embedd
         failure = next(failures, None)
         if failure is not None:
             raise failure
-        return text_embedder.encode_chunks(windows)
+        return text_embedder.encode_windows(windows)
 
     batcher = new_batcher(sometimes_failing, text_embedder)
     with running(batcher):
@@ -268,7 +263,7 @@ def broken_observer(stats):
 
 
 def test_a_raising_batch_observer_is_logged_and_every_job_gets_its_vectors(text_embedder, caplog):
-    batcher = new_batcher(text_embedder.encode_chunks, text_embedder, broken_observer)
+    batcher = new_batcher(text_embedder.encode_windows, text_embedder, broken_observer)
     with caplog.at_level(logging.ERROR, logger="batcher"), running(batcher):
         for text in QUERIES[:3]:
             assert_vector_of(text_embedder, text, batcher.encode(windows_of(text_embedder, text))[0])
@@ -280,7 +275,7 @@ def test_an_observer_that_ends_the_model_thread_fails_its_batch_with_the_reason(
     def killing_observer(stats):
         raise ModelThreadKilled("observer")
 
-    batcher = new_batcher(text_embedder.encode_chunks, text_embedder, killing_observer)
+    batcher = new_batcher(text_embedder.encode_windows, text_embedder, killing_observer)
     with running(batcher):
         with pytest.raises(ModelUnavailableError, match="ModelThreadKilled: observer"):
             batcher.encode(windows_of(text_embedder, "its batch is done, the answer never handed out"))
@@ -289,7 +284,7 @@ def test_an_observer_that_ends_the_model_thread_fails_its_batch_with_the_reason(
 
 def test_past_its_deadline_a_request_fails_clearly_and_its_queued_job_is_never_encoded(text_embedder):
     encoder = GatedEncoder(text_embedder)
-    batcher = new_batcher(encoder, text_embedder, request_timeout=0.2)
+    batcher = new_batcher(encoder, text_embedder, request_timeout=0.2, queue_max_tokens=64)
     held, left = windows_of(text_embedder, "held in the model"), windows_of(text_embedder, "left in the queue")
     with ThreadPoolExecutor(1) as pool, running(batcher, encoder.gate):
         in_model = pool.submit(batcher.encode, held)
@@ -300,9 +295,12 @@ def test_past_its_deadline_a_request_fails_clearly_and_its_queued_job_is_never_e
         assert timeout.value.timeout == 0.2 and timeout.value.retry_after >= 1
         with pytest.raises(RequestTimeoutError):
             in_model.result(PATIENCE)
-        assert (batcher.queue_depth, batcher.queued_tokens) == (0, 0)  # nothing of theirs is left behind
+        # Nothing of theirs is left behind: a job the size of the whole bound is admitted only to an empty queue.
+        whole_bound = batcher.submit([[1000] * 62])
+        with pytest.raises(QueueFullError):
+            batcher.ensure_room()
     # stop() has let the held call finish and run everything still queued: the dropped job was not.
-    assert encoder.calls == [held]
+    assert encoder.calls == [held, whole_bound.windows]
 
 
 def test_a_large_job_stops_between_model_calls_once_its_request_gave_up(text_embedder):
@@ -371,7 +369,7 @@ def test_stop_finishes_every_accepted_request(text_embedder):
     stopper.join(PATIENCE)
     for text, job in zip(QUERIES, jobs):
         assert_vector_of(text_embedder, text, batcher.wait_for(job)[0])
-    with pytest.raises(RuntimeError, match="stopping"):
+    with pytest.raises(ModelUnavailableError, match="stopping"):
         batcher.encode(windows_of(text_embedder, "too late"))
 
 
@@ -388,7 +386,7 @@ def post_v1(live, text):
 
 @contextmanager
 def serving(settings, service) -> Iterator:
-    live = start_live_server(create_app(settings, service))
+    live = start_live_server(create_app(settings, existing(service)))
     try:
         yield live
     finally:
@@ -449,8 +447,8 @@ def test_a_flood_beyond_the_queue_gets_429_at_once_and_every_accepted_request_is
 
 
 def test_a_raising_batch_observer_costs_no_request_its_answer(test_settings, text_embedder, caplog):
-    with service_around_model(test_settings, text_embedder, text_embedder.encode_chunks) as service:
-        service.observe_batches(broken_observer)
+    with service_around_model(test_settings, text_embedder, text_embedder.encode_windows,
+                              ServiceHooks(on_batch=broken_observer)) as service:
         with serving(test_settings, service) as live, caplog.at_level(logging.ERROR, logger="batcher"):
             for text in QUERIES[:3]:
                 response = post_text(live, text)

@@ -12,9 +12,8 @@ import pytest
 
 import download_models
 from config import Settings
-from conftest import MODEL_LOAD_TIMEOUT, SAME_ENGINE_MIN_COSINE, TEST_API_KEY, assert_same_vectors
+from conftest import SAME_ENGINE_MIN_COSINE, TEST_API_KEY, assert_same_vectors, running_service
 from model_locator import baked_model_dir, exported_model_dir, locate_model
-from service import EmbeddingService
 from torch_engine import load_transformers_tokenizer
 
 MODEL = "all-MiniLM-L6-v2"
@@ -67,15 +66,11 @@ def test_bakes_the_bundled_model_and_its_tokenizer(bake_environment, monkeypatch
 def test_service_loads_the_baked_model_and_embeds_like_the_bundled_one(baked_models_dir, torch_service, caplog):
     settings = Settings(api_keys=(TEST_API_KEY,), models_dir=str(baked_models_dir))
     for engine in ("auto", "torch"):
-        service = EmbeddingService(replace(settings, engine=engine))
-        with caplog.at_level(logging.INFO):
-            service.start_loading()
-            assert service.wait_until_loaded(MODEL_LOAD_TIMEOUT), service.readiness()
-        text = "Baked and bundled models give the same vector."
-        baked_vector = service.embed_texts([text]).vectors[0]
-        bundled_vector = torch_service.embed_texts([text]).vectors[0]
-        assert_same_vectors(baked_vector, bundled_vector, SAME_ENGINE_MIN_COSINE if engine == "torch" else 0.9999)
-        service.stop()
+        with caplog.at_level(logging.INFO), running_service(replace(settings, engine=engine)) as service:
+            text = "Baked and bundled models give the same vector."
+            baked_vector = service.embed_texts([text]).vectors[0]
+            bundled_vector = torch_service.embed_texts([text]).vectors[0]
+            assert_same_vectors(baked_vector, bundled_vector, SAME_ENGINE_MIN_COSINE if engine == "torch" else 0.9999)
     assert f"from {baked_model_dir(baked_models_dir, MODEL)} (baked folder)" in caplog.text
     assert "Self-check passed on openvino" in caplog.text
 
@@ -168,7 +163,5 @@ def test_a_tokenizer_folder_is_baked_and_found_once_the_folder_is_gone(
     tokenizer = load_transformers_tokenizer(settings, reference_model)
     assert tokenizer("hello world")["input_ids"] == [101, 7592, 2088, 102]
     # The export carries that tokenizer, and the service serving it needs no folder.
-    service = EmbeddingService(replace(settings, api_keys=(TEST_API_KEY,)))
-    service.start_loading()
-    assert service.wait_until_loaded(MODEL_LOAD_TIMEOUT), service.readiness()
-    service.stop()
+    with running_service(replace(settings, api_keys=(TEST_API_KEY,))):
+        pass

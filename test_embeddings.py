@@ -4,6 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,9 @@ import torch
 
 from config import Settings, SettingsError, load_settings
 from conftest import SAME_ENGINE_MIN_COSINE, assert_same_vectors
-from embeddings import TextEmbedder, TextModelShape, chunk_token_ids
+from embeddings import TextEmbedder, TextModelShape, all_windows, split_into_windows
 from manifest import PROBE_TEXTS
+from model_loading import load_models
 from model_locator import ModelNotFoundError, baked_model_dir, locate_model
 from torch_engine import load_sentence_transformer, load_transformers_tokenizer, text_tokenizer_of
 
@@ -30,12 +32,18 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
+@pytest.fixture(scope="session")
+def torch_models(test_settings):
+    """The bundled model on the torch fallback engine (ENGINE=torch), loaded as the service loads it."""
+    return load_models(replace(test_settings, engine="torch", workers=2, engine_threads=1))
+
+
 @pytest.fixture(params=["openvino", "torch"], scope="module")
-def embedder(request, loaded_service, torch_service) -> TextEmbedder:
+def embedder(request, loaded_models, torch_models) -> TextEmbedder:
     """The text embedder of each engine: the exported model on OpenVINO, and the torch fallback."""
-    service = loaded_service if request.param == "openvino" else torch_service
-    assert service.engine == request.param
-    return service._ready_text_embedder()
+    models = loaded_models if request.param == "openvino" else torch_models
+    assert models.engine == request.param
+    return models.text
 
 
 def test_similar_sentences_score_higher_than_unrelated(embedder):
@@ -79,10 +87,10 @@ def test_the_fast_tokenizer_gives_transformers_ids(embedder, reference_model):
     assert embedder.tokenizer.pad_id == reference_model.tokenizer.pad_token_id
 
 
-def test_the_torch_engine_runs_on_its_share_of_the_cores(torch_service):
+def test_the_torch_engine_runs_on_its_share_of_the_cores(torch_models):
     # Two workers of one thread on 2 cores: more would fight over the cores. The count is per thread in
     # torch (OpenMP), so it is read in a fresh thread that runs a forward pass, as the model thread does.
-    engine, seen = torch_service._ready_text_embedder().encoder, []
+    engine, seen = torch_models.text.encoder, []
 
     def forward_pass() -> None:
         engine.encode_text(np.array([[101, 7592, 102]]), np.ones((1, 3), dtype=np.int64))
@@ -91,16 +99,16 @@ def test_the_torch_engine_runs_on_its_share_of_the_cores(torch_service):
     thread = threading.Thread(target=forward_pass)
     thread.start()
     thread.join()
-    assert seen == [1] == [torch_service.settings.engine_threads]
+    assert seen == [1]
 
 
-def test_chunk_token_ids_makes_consecutive_windows():
+def test_split_into_windows_makes_consecutive_windows():
     ids = list(range(10))
-    assert chunk_token_ids(ids, 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    assert chunk_token_ids(ids, 10) == [ids]
-    assert chunk_token_ids([], 4) == [[]]
+    assert split_into_windows(ids, 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert split_into_windows(ids, 10) == [ids]
+    assert split_into_windows([], 4) == [[]]
     with pytest.raises(ValueError):
-        chunk_token_ids(ids, 0)
+        split_into_windows(ids, 0)
 
 
 def test_window_leaves_room_for_special_tokens(embedder):
@@ -113,10 +121,10 @@ def test_long_text_is_split_into_windows_of_its_own_tokens(embedder, reference_m
     tokenized = embedder.tokenize([LONG_TEXT])[0]
     all_ids = reference_model.tokenizer(LONG_TEXT, add_special_tokens=False, verbose=False)["input_ids"]
     assert len(all_ids) > 1000
-    assert [token for chunk in tokenized.chunks for token in chunk] == all_ids
-    assert all(len(chunk) == 254 for chunk in tokenized.chunks[:-1])
-    assert 0 < len(tokenized.chunks[-1]) <= 254
-    assert embedder.tokens_processed(tokenized) == len(all_ids) + 2 * len(tokenized.chunks)
+    assert [token for window in tokenized.windows for token in window] == all_ids
+    assert all(len(window) == 254 for window in tokenized.windows[:-1])
+    assert 0 < len(tokenized.windows[-1]) <= 254
+    assert embedder.tokens_processed(tokenized) == len(all_ids) + 2 * len(tokenized.windows)
 
 
 def encode_window_by_hand(model, window: list[int]) -> np.ndarray:
@@ -131,7 +139,7 @@ def encode_window_by_hand(model, window: list[int]) -> np.ndarray:
 def test_long_text_vector_is_token_weighted_average_of_window_vectors(embedder, reference_model):
     vector = embedder.embed([LONG_TEXT])[0]
     assert vector.shape == (384,)
-    windows = embedder.tokenize([LONG_TEXT])[0].chunks
+    windows = embedder.tokenize([LONG_TEXT])[0].windows
     assert len(windows) >= 4
     by_hand = [encode_window_by_hand(reference_model, window) for window in windows]
     weights = np.array([len(window) for window in windows], dtype=np.float64)
@@ -143,20 +151,20 @@ def test_long_text_vector_is_token_weighted_average_of_window_vectors(embedder, 
     assert not np.allclose(vector, plain_mean / np.linalg.norm(plain_mean), atol=1e-5)
 
 
-def test_chunks_are_encoded_in_calls_of_at_most_max_batch_size(embedder, monkeypatch):
+def test_windows_are_encoded_in_calls_of_at_most_max_batch_size(embedder, monkeypatch):
     # An embedder of its own: the shared one may still be serving another test's server.
     shape = TextModelShape(embedder.dimension, embedder.max_seq_length, embedder.normalizes)
     embedder = TextEmbedder(embedder.tokenizer, embedder.encoder, shape, max_batch_size=8, max_batch_tokens=4096)
     calls = []
     original = embedder._forward
 
-    def counting_forward(chunks):
-        calls.append(len(chunks))
-        return original(chunks)
+    def counting_forward(windows):
+        calls.append(len(windows))
+        return original(windows)
 
     monkeypatch.setattr(embedder, "_forward", counting_forward)
     embedder.embed([LONG_TEXT, LONG_TEXT, "short"])
-    windows = 2 * len(embedder.tokenize([LONG_TEXT])[0].chunks) + 1
+    windows = 2 * len(embedder.tokenize([LONG_TEXT])[0].windows) + 1
     assert sum(calls) == windows
     assert max(calls) <= embedder.max_batch_size
     assert len(calls) == -(-windows // embedder.max_batch_size)
@@ -164,7 +172,8 @@ def test_chunks_are_encoded_in_calls_of_at_most_max_batch_size(embedder, monkeyp
 
 def test_token_ids_input_equals_text_input(embedder):
     ids = embedder.tokenizer.token_ids(["token ids in, vector out"])[0]
-    from_ids = embedder.embed_tokenized(embedder.tokenized_from_ids([ids]))[0]
+    tokenized = embedder.tokenized_from_ids([ids])
+    from_ids = embedder.combine_all(tokenized, embedder.encode_windows(all_windows(tokenized)))[0]
     assert_same_vectors(from_ids, embedder.embed(["token ids in, vector out"])[0], SAME_ENGINE_MIN_COSINE)
 
 
@@ -180,16 +189,14 @@ def test_serving_imports_no_torch(test_settings):
     script = f"""
 import sys
 from config import Settings
+from conftest import wait_for_loading
 from main import create_app
-from service import EmbeddingService
 settings = Settings(api_keys=("k",), models_dir={test_settings.models_dir!r})
-service = EmbeddingService(settings)
-service.start_loading()
-assert service.wait_until_loaded(120), service.readiness()
-response = create_app(settings, service).test_client().post("/embeddings", json={{"text": "hi"}},
-                                                            headers={{"X-API-Key": "k"}})
+app = create_app(settings)
+assert wait_for_loading(app.extensions["embedding_service"])[0]
+response = app.test_client().post("/embeddings", json={{"text": "hi"}}, headers={{"X-API-Key": "k"}})
 assert response.status_code == 200, response.get_data(as_text=True)
-service.stop()
+app.extensions["embedding_service"].stop()
 print(sorted(name for name in sys.modules if name.split(".")[0] in ("torch", "sentence_transformers", "transformers")))
 """
     result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent, capture_output=True,

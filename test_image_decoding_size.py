@@ -65,8 +65,8 @@ def full_decode(data: bytes) -> Image.Image:
 # --- vectors of reduced decodes, on the tiny CLIP --------------------------------------
 
 @pytest.fixture(scope="module")
-def image_embedder(tiny_clip_service):
-    return tiny_clip_service.require_image_support()
+def image_embedder(tiny_clip_models):
+    return tiny_clip_models.images
 
 
 def embed_file(image_embedder, data: bytes) -> np.ndarray:

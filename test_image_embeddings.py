@@ -29,11 +29,12 @@ import pytest
 import requests
 from PIL import Image, ImageOps
 
-from conftest import (SAME_ENGINE_MIN_COSINE, TEST_API_KEY, assert_same_vectors, bake_and_export, running_service,
-                      servers_on, start_live_server)
+from conftest import (SAME_ENGINE_MIN_COSINE, TEST_API_KEY, assert_same_vectors, bake_and_export, existing,
+                      running_service, servers_on, start_live_server)
 from config import Settings, SettingsError, load_settings
 from image_embeddings import ImageInputError, ImageTooLargeError, decode_base64_image, open_image, to_rgb
 from main import create_app
+from model_loading import load_models
 from model_locator import ModelNotFoundError, locate_model
 from batcher import QueueFullError
 from self_check import IMAGE_MIN_COSINE
@@ -74,7 +75,7 @@ def clip_server(tiny_clip_server):
 @pytest.fixture(scope="module")
 def small_limits_server(clip_settings, clip_service):
     settings = replace(clip_settings, max_image_size=SMALL_IMAGE_SIZE, max_images_per_batch=SMALL_BATCH)
-    live = start_live_server(create_app(settings, clip_service))
+    live = start_live_server(create_app(settings, existing(clip_service)))
     yield live
     live.stop()
 
@@ -153,8 +154,8 @@ def test_clip_text_through_our_path_equals_model_encode(clip_service, clip_model
     assert_same_vectors(ours, clip_model.encode(texts, convert_to_numpy=True))
 
 
-def test_clip_special_tokens_and_padding(clip_service, clip_model):
-    text_embedder = clip_service._ready_text_embedder()
+def test_clip_special_tokens_and_padding(tiny_clip_models, clip_model):
+    text_embedder = tiny_clip_models.text
     tokenizer = clip_model.tokenizer
     assert text_embedder.prefix_ids == [tokenizer.bos_token_id]
     assert text_embedder.suffix_ids == [tokenizer.eos_token_id]
@@ -167,8 +168,8 @@ def test_clip_special_tokens_and_padding(clip_service, clip_model):
     assert_same_vectors(together[1], text_embedder.embed([long])[0], SAME_ENGINE_MIN_COSINE)
 
 
-def test_text_longer_than_77_tokens_is_averaged_over_windows(clip_service, clip_model):
-    text_embedder = clip_service._ready_text_embedder()
+def test_text_longer_than_77_tokens_is_averaged_over_windows(clip_service, tiny_clip_models, clip_model):
+    text_embedder = tiny_clip_models.text
     assert text_embedder.max_seq_length == 77
     # Single-letter words are one token each, so each window decodes back to exactly its words.
     words = [chr(ord("a") + index % 26) for index in range(200)]
@@ -388,7 +389,7 @@ def test_an_image_that_takes_too_much_memory_to_decode_is_413(clip_settings):
     # 300x300: WebP takes about 17 bytes a pixel to decode (1.5 MB), PNG about 5 (0.45 MB).
     settings = replace(clip_settings, max_image_decode_bytes=1_000_000)
     picture = two_colour_image((300, 300))
-    with running_service(settings) as service, servers_on(settings, service) as start:
+    with servers_on(settings, load_models(settings)) as start:
         live = start()
         message = error_of(post(live, "/embeddings/image", json={"image": b64(encoded(picture, "WEBP"))}), 413)
         assert post(live, "/embeddings/image", json={"image": b64(encoded(picture, "PNG"))}).status_code == 200
@@ -462,7 +463,7 @@ def test_real_clip_places_colours_next_to_their_names(tmp_path):
     settings = Settings(api_keys=(TEST_API_KEY,), embedding_model=real_clip_folder(), models_dir=str(tmp_path))
     bake_and_export(settings)
     with running_service(settings) as service:
-        live = start_live_server(create_app(settings, service))
+        live = start_live_server(create_app(settings, existing(service)))
         try:
             red = embed_image(live, b64(encoded(Image.new("RGB", (224, 224), (255, 0, 0)))))
             blue = embed_image(live, b64(encoded(Image.new("RGB", (224, 224), (0, 0, 255)))))
@@ -474,14 +475,15 @@ def test_real_clip_places_colours_next_to_their_names(tmp_path):
     assert cosine(blue_text, blue) > cosine(blue_text, red)
 
 
-def test_image_overload_gets_429_at_once_and_accepted_images_are_correct(clip_settings, clip_model, monkeypatch):
+def test_image_overload_gets_429_at_once_and_accepted_images_are_correct(
+        clip_settings, tiny_clip_models, clip_model, monkeypatch):
     # The queue holds one image request's work besides the one in the model.
-    with running_service(replace(clip_settings, queue_max_tokens=IMAGE_WORK_TOKENS)) as service:
-        check_image_overload(service, clip_model, monkeypatch)
+    with running_service(replace(clip_settings, queue_max_tokens=IMAGE_WORK_TOKENS),
+                         lambda _: tiny_clip_models) as service:
+        check_image_overload(service, tiny_clip_models.images, clip_model, monkeypatch)
 
 
-def check_image_overload(service, clip_model, monkeypatch):
-    image_embedder = service.require_image_support()
+def check_image_overload(service, image_embedder, clip_model, monkeypatch):
     gate, entered = threading.Event(), threading.Event()
     real_embed = image_embedder.embed_prepared
 

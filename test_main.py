@@ -10,11 +10,12 @@ import pytest
 import requests
 
 from config import Settings
-from conftest import SAME_ENGINE_MIN_COSINE, TEST_API_KEY, assert_same_vectors, expected_precision, start_live_server
+from conftest import (SAME_ENGINE_MIN_COSINE, TEST_API_KEY, assert_same_vectors, existing, expected_precision,
+                      running_service, start_live_server, wait_for_loading)
 from main import create_app
 from model_loading import load_models
 from model_locator import without_local_paths
-from service import EmbeddingService
+from service import EmbeddingService, ServiceHooks
 
 AUTH = {"X-API-Key": TEST_API_KEY}
 LONG_TEXT = "Rivers carry water from the mountains to the sea. " * 150
@@ -155,10 +156,9 @@ def test_routes_answer_503_while_the_model_loads_and_200_after(test_settings):
         release.wait(30)
         return load_models(settings)
 
-    service = EmbeddingService(test_settings, load=slow_loader)
-    live = start_live_server(create_app(test_settings, service))
+    live = start_live_server(create_app(test_settings, lambda settings, hooks: EmbeddingService(
+        settings, hooks, load=slow_loader)), wait_ready=False)
     try:
-        service.start_loading()
         assert requests.get(live.url + "/health", timeout=5).json() == {"status": "ok"}
         ready = requests.get(live.url + "/health/ready", timeout=5)
         assert (ready.status_code, ready.json()) == (503, {"status": "loading"})
@@ -166,21 +166,20 @@ def test_routes_answer_503_while_the_model_loads_and_200_after(test_settings):
         assert response.status_code == 503 and "still loading" in response.json()["error"]
         assert response.headers["Retry-After"] == "5"
         release.set()
-        assert service.wait_until_loaded(60)
+        assert wait_for_loading(live.service)[0]
         assert requests.get(live.url + "/health/ready", timeout=5).status_code == 200
         assert post(live, "/embeddings", json={"text": "now"}).status_code == 200
     finally:
         release.set()
         live.stop()
+        live.service.stop()
 
 
 def test_a_model_that_cannot_load_is_reported_not_served(tmp_path):
     settings = Settings(api_keys=(TEST_API_KEY,), embedding_model="no-such-model", models_dir=str(tmp_path))
-    service = EmbeddingService(settings)
-    live = start_live_server(create_app(settings, service))
+    live = start_live_server(create_app(settings), wait_ready=False)
     try:
-        service.start_loading()
-        assert not service.wait_until_loaded(60)
+        assert not wait_for_loading(live.service)[0]
         ready = requests.get(live.url + "/health/ready", timeout=5)
         assert ready.status_code == 503
         body = ready.json()
@@ -207,12 +206,10 @@ def test_a_model_folder_that_cannot_load_is_reported_without_its_path(tmp_path, 
     if folder_exists:
         folder.mkdir(parents=True)
     settings = Settings(api_keys=(TEST_API_KEY,), embedding_model=str(folder), models_dir=str(tmp_path / "baked"))
-    service = EmbeddingService(settings)
-    live = start_live_server(create_app(settings, service))
+    with caplog.at_level(logging.ERROR, logger="service"):
+        live = start_live_server(create_app(settings), wait_ready=False)
+        assert not wait_for_loading(live.service)[0]
     try:
-        with caplog.at_level(logging.ERROR, logger="service"):
-            service.start_loading()
-            assert not service.wait_until_loaded(60)
         ready = requests.get(live.url + "/health/ready", timeout=5)
         body = ready.json()
         assert ready.status_code == 503 and body["status"] == "error" and body["model"] == "my-clip"
@@ -238,34 +235,29 @@ def test_public_messages_keep_names_and_hide_absolute_paths(message, shown):
     assert without_local_paths(message, "/srv/my models/my-clip") == shown
 
 
-def test_a_failing_load_observer_is_logged_and_the_model_serves(test_settings, caplog):
-    service = EmbeddingService(test_settings)
-    service.observe_load(lambda report: 1 / 0)  # a metrics backend that fails
-    with caplog.at_level(logging.ERROR, logger="service"):
-        service.start_loading()
-        assert service.wait_until_loaded(60)
-    try:
-        assert service.readiness()[0] and "A load observer failed" in caplog.text
+def test_a_failing_on_ready_hook_is_logged_and_the_model_serves(test_settings, loaded_models, caplog):
+    hooks = ServiceHooks(on_ready=lambda report: 1 / 0)  # a metrics backend that fails
+    with caplog.at_level(logging.ERROR, logger="service"), \
+            running_service(test_settings, lambda _: loaded_models, hooks) as service:
+        assert service.readiness()[0] and "The on-ready hook failed" in caplog.text
         assert len(service.embed_texts(["still serving"]).vectors) == 1
-    finally:
-        service.stop()
 
 
 def test_default_key_logs_a_warning(loaded_service, caplog):
     with caplog.at_level(logging.WARNING, logger="main"):
-        create_app(Settings(), loaded_service)
+        create_app(Settings(), existing(loaded_service))
     assert any("abc123" in record.getMessage() for record in caplog.records)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="main"):
-        create_app(Settings(api_keys=("secret",)), loaded_service)
+        create_app(Settings(api_keys=("secret",)), existing(loaded_service))
     assert not caplog.records
 
 
-def test_an_internal_error_is_json_500_and_the_server_keeps_serving(server, loaded_service, monkeypatch):
+def test_an_internal_error_is_json_500_and_the_server_keeps_serving(server, monkeypatch):
     def broken(texts):
         raise RuntimeError("injected failure")
 
-    monkeypatch.setattr(loaded_service, "embed_tokenized", broken)
+    monkeypatch.setattr(server.service, "embed_texts", broken)
     response = post(server, "/embeddings", json={"text": "boom"})
     assert response.status_code == 500
     assert "Internal error" in response.json()["error"] and "injected" not in response.text

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from dataclasses import replace
 
@@ -15,12 +16,12 @@ import requests
 
 import download_models
 import model_loading
-from conftest import MODEL_LOAD_TIMEOUT, expected_precision, start_live_server
+from conftest import expected_precision, start_live_server, wait_for_loading
 from main import create_app
 from manifest import PROBE_TEXTS, Manifest, ManifestError, file_facts
 from model_loading import SelfCheckError, load_exported_models
 from model_locator import exported_model_dir
-from service import EmbeddingService
+from self_check import TEXT_MIN_COSINE
 
 MODEL = "all-MiniLM-L6-v2"
 
@@ -43,16 +44,14 @@ def edit_manifest(folder, change) -> None:
 
 def readiness_of(settings) -> tuple[int, dict]:
     """Serve these settings over HTTP and ask /health/ready once loading has ended."""
-    service = EmbeddingService(settings)
-    live = start_live_server(create_app(settings, service))
+    live = start_live_server(create_app(settings), wait_ready=False)
     try:
-        service.start_loading()
-        service.wait_until_loaded(MODEL_LOAD_TIMEOUT)
+        wait_for_loading(live.service)
         response = requests.get(live.url + "/health/ready", timeout=10)
         return response.status_code, response.json()
     finally:
         live.stop()
-        service.stop()
+        live.service.stop()
 
 
 def test_the_manifest_records_the_model_and_its_probe_vectors(test_settings, reference_model):
@@ -67,17 +66,18 @@ def test_the_manifest_records_the_model_and_its_probe_vectors(test_settings, ref
     assert all(facts["size"] > 0 and len(facts["sha256"]) == 64 for facts in manifest.files.values())
     assert [probe.name for probe in manifest.probe_texts] == list(PROBE_TEXTS)
     long_probe = next(probe for probe in manifest.probe_texts if probe.name == "long")
-    assert len(long_probe.token_ids) > 2 * 254  # chunked into three windows
+    assert len(long_probe.token_ids) > 2 * 254  # split into three windows
     # The reference vectors are the torch model's own (the long one averaged over its windows, like ours).
     short = next(probe for probe in manifest.probe_texts if probe.name == "short")
     assert short.vector == pytest.approx(reference_model.encode(["hello world"])[0].tolist(), abs=1e-5)
     assert manifest.image_model is None and manifest.probe_images == []
 
 
-def test_the_self_check_passes_and_bf16_serves_where_the_cpu_has_it(loaded_service):
+def test_the_self_check_passes_and_bf16_serves_where_the_cpu_has_it(loaded_service, loaded_models):
     ready, body = loaded_service.readiness()
     assert ready and (body["engine"], body["precision"]) == ("openvino", expected_precision())
-    assert "text probes min cosine 0.9999" in loaded_service.self_check
+    min_cosine = re.search(r"text probes min cosine ([0-9.]+)", loaded_models.self_check)
+    assert float(min_cosine[1]) >= TEXT_MIN_COSINE, loaded_models.self_check
 
 
 def test_forced_f32_reproduces_torch_to_the_last_digits(test_settings):

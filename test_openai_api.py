@@ -10,7 +10,8 @@ import pytest
 import requests
 
 from batcher import QueueFullError
-from conftest import SAME_ENGINE_MIN_COSINE, TEST_API_KEY, assert_same_vectors, start_live_server
+from conftest import (SAME_ENGINE_MIN_COSINE, TEST_API_KEY, NeverLoads, assert_same_vectors, start_live_server,
+                      wait_for_loading)
 from main import create_app
 from service import EmbeddingService
 
@@ -62,7 +63,7 @@ def test_list_input_in_float_format_equals_the_batch_route(server, client, text_
     texts = ["The cat sleeps.", LONG_TEXT, "Interest rates went up."]
     response = client.embeddings.create(model=MODEL, input=texts, encoding_format="float")
     np.testing.assert_array_equal(client_vectors(response), rest_vectors(server, texts))
-    assert tokens_processed(text_embedder, LONG_TEXT) > text_embedder.max_seq_length  # really chunked
+    assert tokens_processed(text_embedder, LONG_TEXT) > text_embedder.max_seq_length  # really split into windows
     assert response.usage.prompt_tokens == sum(tokens_processed(text_embedder, text) for text in texts)
 
 
@@ -109,10 +110,10 @@ def test_model_aliases_are_accepted_and_answered_with_the_served_id(client, alia
     assert response.model == MODEL
 
 
-def test_models_lists_the_served_model(server, client, loaded_service):
+def test_models_lists_the_served_model(server, client):
     models = client.models.list()
     assert [model.id for model in models.data] == [MODEL]
-    assert models.data[0].owned_by and models.data[0].created == loaded_service.loaded_at
+    assert models.data[0].owned_by and models.data[0].created == server.service.loaded_at
     raw = requests.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {TEST_API_KEY}"},
                        timeout=10).json()
     assert raw["object"] == "list"
@@ -255,18 +256,16 @@ def test_limits_match_the_other_routes(server_with, text_embedder):
     assert post_v1(limited, {"model": MODEL, "input": [1000] * 50}).status_code == 200
 
 
-def failed_service(test_settings) -> EmbeddingService:
+def failing_to_load(settings, hooks) -> EmbeddingService:
     def fail_to_load(settings):
         raise OSError("weights file is corrupt")
 
-    service = EmbeddingService(test_settings, load=fail_to_load)
-    service.start_loading()
-    assert not service.wait_until_loaded(10)
-    return service
+    return EmbeddingService(settings, hooks, load=fail_to_load)
 
 
 def test_model_that_failed_to_load_is_503(test_settings):
-    live = start_live_server(create_app(test_settings, failed_service(test_settings)))
+    live = start_live_server(create_app(test_settings, failing_to_load), wait_ready=False)
+    assert not wait_for_loading(live.service)[0]
     try:
         assert_envelope(post_v1(live, {"model": MODEL, "input": "hi"}), 503, None, "model_load_failed",
                         "weights file is corrupt")
@@ -277,7 +276,7 @@ def test_model_that_failed_to_load_is_503(test_settings):
 
 
 def test_model_still_loading_is_503_with_retry_after(test_settings):
-    live = start_live_server(create_app(test_settings, EmbeddingService(test_settings)))  # never started
+    live = start_live_server(create_app(test_settings, NeverLoads), wait_ready=False)
     try:
         answer = post_v1(live, {"model": MODEL, "input": [101, 102]})
         assert_envelope(answer, 503, None, "model_loading", "still loading")
@@ -299,21 +298,21 @@ def test_a_model_served_from_a_folder_is_named_by_the_folder_not_its_path(server
                     "serves 'my-finetuned-model'")
 
 
-def test_queue_full_is_429_with_retry_after(server, loaded_service, monkeypatch):
+def test_queue_full_is_429_with_retry_after(server, monkeypatch):
     def refuse(windows):
         raise QueueFullError("30000 tokens of work from 12 requests already wait for the model", retry_after=7)
 
-    monkeypatch.setattr(loaded_service._batcher, "encode", refuse)  # inject the overload
+    monkeypatch.setattr(server.service._batcher, "encode", refuse)  # inject the overload
     answer = post_v1(server, {"model": MODEL, "input": "hi"})
     assert_envelope(answer, 429, None, "server_busy", "busy")
     assert answer.headers["Retry-After"] == "7"
 
 
-def test_unexpected_failure_is_500_in_the_envelope(server, loaded_service, monkeypatch):
+def test_unexpected_failure_is_500_in_the_envelope(server, monkeypatch):
     def break_down(texts):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(loaded_service, "embed_tokenized", break_down)  # inject a failure
+    monkeypatch.setattr(server.service, "embed_texts", break_down)  # inject a failure
     error = assert_envelope(post_v1(server, {"model": MODEL, "input": "hi"}), 500, None, "internal_error",
                             "internal error")
     assert "disk on fire" not in error["message"]

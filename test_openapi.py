@@ -9,9 +9,8 @@ import requests
 from openapi_core import OpenAPI
 from openapi_core.contrib.requests import RequestsOpenAPIRequest, RequestsOpenAPIResponse
 
-from conftest import TEST_API_KEY, start_live_server
+from conftest import TEST_API_KEY, NeverLoads, existing, start_live_server
 from main import create_app
-from service import EmbeddingService
 
 AUTH = {"X-API-Key": TEST_API_KEY}
 BEARER = {"Authorization": f"Bearer {TEST_API_KEY}"}
@@ -54,7 +53,7 @@ def test_document_is_openapi_3_1_with_both_security_schemes(document, openapi):
 
 
 def test_every_route_is_documented_and_every_documented_route_exists(document, test_settings, loaded_service):
-    app = create_app(test_settings, loaded_service)
+    app = create_app(test_settings, existing(loaded_service))
     in_app, in_document = operations_of_app(app), operations_of_document(document)
     assert in_app - in_document == set(), "routes missing from openapi_document.py"
     assert in_document - in_app == set(), "documented routes the app does not have"
@@ -156,7 +155,7 @@ def test_image_errors_match_the_document(clip_server, openapi):
 
 
 def test_model_not_ready_answers_match_the_document(test_settings, openapi):
-    live = start_live_server(create_app(test_settings, EmbeddingService(test_settings)))  # never loads
+    live = start_live_server(create_app(test_settings, NeverLoads), wait_ready=False)
     try:
         for method, path, kwargs in [("GET", "/health/ready", {}),
                                      ("POST", "/embeddings", {"json": {"text": "hi"}, "headers": AUTH}),

@@ -124,12 +124,12 @@ def test_a_request_over_the_token_total_gets_413_naming_the_setting(server, clie
     assert refused.value.body["message"].startswith(f"The texts up to input[4] have {5 * tokens} tokens")
 
 
-def test_many_texts_of_few_tokens_are_refused_before_any_is_tokenized(server, loaded_service, monkeypatch):
+def test_many_texts_of_few_tokens_are_refused_before_any_is_tokenized(server, text_embedder, monkeypatch):
     # Each within MAX_TEXT_LENGTH and of one token ([UNK]): only the request's characters can bound them.
     texts = ["x" * 200_000] * 6
     tokenized = []
-    real_tokenize = loaded_service.tokenize
-    monkeypatch.setattr(loaded_service, "tokenize", lambda batch: tokenized.append(batch) or real_tokenize(batch))
+    real_tokenize = text_embedder.tokenize
+    monkeypatch.setattr(text_embedder, "tokenize", lambda batch: tokenized.append(batch) or real_tokenize(batch))
     message = error_of(post(server, "/embeddings/batch", {"texts": texts}), 413)
     assert message == ("The texts hold 1200000 characters in all; the limit per request is 1048576 (32 characters "
                        "per token of MAX_TOKENS_PER_REQUEST): send them in several requests")
@@ -154,8 +154,8 @@ def test_a_largest_request_joins_a_queue_that_already_holds_other_work(text_embe
     limits = BatchLimits(max_tokens=defaults.batch_max_tokens, max_wait=defaults.batch_wait_ms / 1000,
                          queue_max_tokens=defaults.queue_max_tokens, request_timeout=PATIENCE)
     encoder = GatedEncoder(text_embedder)
-    batcher = Batcher(encoder, text_embedder.tokens_per_chunk, limits)
-    largest = text_embedder.tokenized_from_ids([[WORLD] * defaults.max_tokens_per_request])[0].chunks
+    batcher = Batcher(encoder, text_embedder.tokens_per_window, limits)
+    largest = text_embedder.tokenized_from_ids([[WORLD] * defaults.max_tokens_per_request])[0].windows
     batcher.start()
     with ThreadPoolExecutor(1) as pool:
         try:
@@ -207,8 +207,8 @@ def test_v1_takes_no_more_images_than_the_image_batch_route(clip_server_with, ti
     assert len(served.data) == 3
 
 
-def test_v1_names_a_long_text_by_its_place_among_images(tiny_clip_server, tiny_clip_settings, tiny_clip_service):
-    tokenizer = tiny_clip_service._ready_text_embedder().tokenizer
+def test_v1_names_a_long_text_by_its_place_among_images(tiny_clip_server, tiny_clip_settings, tiny_clip_models):
+    tokenizer = tiny_clip_models.text.tokenizer
     document = english_document(tokenizer, 9000)
     with pytest.raises(openai.APIStatusError) as refused:
         client_of(tiny_clip_server).embeddings.create(

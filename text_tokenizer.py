@@ -3,7 +3,7 @@
 transformers' fast tokenizers are this same Rust tokenizer underneath, so the
 serving processes get the model's exact token ids without importing
 transformers or torch. Truncation and padding are switched off: the service
-chunks long texts itself and pads each forward pass to its own longest window.
+splits long texts into windows itself and pads each forward pass to its own longest window.
 """
 from __future__ import annotations
 
@@ -36,9 +36,6 @@ class TextTokenizer:
         """The content token ids of each text, without the special tokens that frame a window."""
         encodings = self._backend.encode_batch(list(texts), add_special_tokens=False)
         return [encoding.ids for encoding in encodings]
-
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return self._backend.decode(list(token_ids))
 
     def save(self, path: str | Path) -> None:
         self._backend.save(str(path))

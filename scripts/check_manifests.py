@@ -151,12 +151,17 @@ def check_kubernetes_wiring(documents: list[tuple[Path, dict]]) -> list[str]:
     return problems
 
 
+class RoutesOnly(EmbeddingService):
+    """A service that never loads a model: only the app's routes are needed."""
+
+    def start_loading(self) -> None:
+        pass
+
+
 def check(root: Path) -> list[str]:
     """Every problem found in root's deploy/ manifests and Dockerfile; empty when all is well."""
     port, problems = image_port(root / "Dockerfile")
-    # An app with a service that never starts loading: only its routes are needed.
-    settings = Settings(api_keys=("manifest-check",))
-    adapter = create_app(settings, EmbeddingService(settings)).url_map.bind("localhost")
+    adapter = create_app(Settings(api_keys=("manifest-check",)), RoutesOnly).url_map.bind("localhost")
     for folder, expected_kinds in (("cloudrun", {"Service"}), ("kubernetes", None)):
         documents, load_problems = load_manifests(root / "deploy" / folder)
         problems.extend(load_problems)
