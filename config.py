@@ -23,6 +23,10 @@ ENGINES = ("auto", "torch")
 ENGINE_PRECISIONS = ("auto", "f32")
 
 
+# A window holds a model's special tokens and some text: fewer tokens than this make no sense.
+MIN_WINDOW_TOKENS = 16
+
+
 class SettingsError(ValueError):
     """A setting in the environment has a value the service cannot run with."""
 
@@ -56,6 +60,10 @@ class Settings:
     # (262,144 characters took 0.1-0.7 s). 32 characters per token of MAX_TOKENS_PER_TEXT: English
     # runs 4 to 5, so only a text that is mostly white space or unsplittable words reaches it.
     max_text_length: int = 262_144
+    # Tokens in one model window, special tokens included: a model reads up to its own max_seq_length at once
+    # (256 for all-MiniLM-L6-v2, 512 for BERT, 8,192 for ModernBERT), capped here; longer texts are split
+    # into windows and averaged.
+    max_window_tokens: int = 8192
     # Bytes in one request body; Flask rejects larger bodies before reading them.
     max_request_size: int = 32 * 1024 * 1024
     # Bytes of request bodies one worker handles at once (read, decoded, waiting for the model);
@@ -242,6 +250,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         max_image_pixels=_positive_int(environ, "MAX_IMAGE_PIXELS", defaults.max_image_pixels),
         max_image_decode_bytes=_positive_int(environ, "MAX_IMAGE_DECODE_BYTES", defaults.max_image_decode_bytes),
         max_text_length=_positive_int(environ, "MAX_TEXT_LENGTH", defaults.max_text_length),
+        max_window_tokens=_whole_number(environ, "MAX_WINDOW_TOKENS", defaults.max_window_tokens,
+                                        minimum=MIN_WINDOW_TOKENS),
         max_tokens_per_text=token_limits.max_tokens_per_text,
         max_tokens_per_request=token_limits.max_tokens_per_request,
         max_request_size=max_request_size,

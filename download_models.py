@@ -30,9 +30,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence, TypeVar
 
 from config import Settings, SettingsError, load_settings
-from manifest import MANIFEST_FILE, Manifest, fingerprint
+from manifest import (MANIFEST_FILE, Manifest, fingerprint, read_source_record, source_files, what_changed,
+                      write_source_record)
 from model_loading import EXPORT_ENGINE, LoadedModels, load_exported_models
-from model_locator import ModelLocation, ModelNotFoundError, baked_model_dir, exported_model_dir, locate_model
+from model_locator import (ModelLocation, ModelNotFoundError, baked_model_dir, exported_model_dir, locate_local_source,
+                           locate_model)
 
 T = TypeVar("T")
 
@@ -71,13 +73,16 @@ def bake_model(settings: Settings, name: str, allow_download: bool) -> SentenceT
 
 def _bake_verified(target: Path, location: ModelLocation, download: Callable[[Path], None],
                    verify: Callable[[Path], T]) -> T:
-    """Fill a staging folder from a local copy or the hub, verify it, then give it the baked folder's name."""
+    """Fill a staging folder from a local copy or the hub, verify it, record what it holds, then give it the
+    baked folder's name."""
     with _staging_folder(target) as staging:
         if location.is_local:
             shutil.copytree(location.path, staging, dirs_exist_ok=True)
         else:
             download(staging)
-        return verify(staging)
+        verified = verify(staging)
+        write_source_record(staging, source_files(staging, location.package))
+        return verified
 
 
 def bake_tokenizer(settings: Settings, name: str, allow_download: bool, model: SentenceTransformer) -> Path:
@@ -208,11 +213,13 @@ def export_baked_model(settings: Settings, name: str) -> Path:
 
 
 def _export_is_current(settings: Settings, source: Path, target: Path) -> bool:
-    """The export was made from these very model files and still passes its self-check here."""
+    """The export was made from the baked model's very files and still passes its self-check here."""
     try:
         manifest = Manifest.read(target)
-        if manifest.source_fingerprint != fingerprint(source):
-            print(f"{settings.embedding_model}: the model changed since {target} was exported; exporting again")
+        baked_files = read_source_record(source) or {}
+        if manifest.source_fingerprint != fingerprint(baked_files):
+            print(f"{settings.embedding_model}: the model changed since {target} was exported "
+                  f"({what_changed(manifest.source_files, baked_files)}); exporting again")
             return False
         _report_check(load_exported_models(replace(settings, embedding_model=str(target))))
     except Exception as error:  # a stale or broken export is made again, never trusted
@@ -220,6 +227,27 @@ def _export_is_current(settings: Settings, source: Path, target: Path) -> bool:
         return False
     print(f"{settings.embedding_model}: already exported in {target}")
     return True
+
+
+def _forget_a_stale_bake(name: str, baked: Path) -> None:
+    """Delete the baked copy of a model whose local folder or package has changed since it was baked.
+
+    The model's files are hashed every time: a model retrained in place keeps its files' names and sizes.
+    A model only the hub has is not checked (nothing offline to check it against).
+    """
+    source = locate_local_source(name)
+    if source is None or not _is_baked(baked):
+        return
+    recorded, current = read_source_record(baked), source_files(Path(source.path), source.package)
+    if recorded == current:
+        return
+    if recorded is None:
+        print(f"{name}: {baked} does not record the files it was baked from; baking it again from the "
+              f"{source.source} {source.path}")
+    else:
+        print(f"{name}: the {source.source} {source.path} changed since it was baked into {baked} "
+              f"({what_changed(recorded, current)}); baking it again")
+    shutil.rmtree(baked)
 
 
 def _report_check(models: LoadedModels) -> None:
@@ -236,6 +264,7 @@ def prepare_models(settings: Settings, allow_download: bool) -> None:
     name = settings.embedding_model
     baked, exported = baked_model_dir(settings.models_dir, name), exported_model_dir(settings.models_dir, name,
                                                                                      EXPORT_ENGINE)
+    _forget_a_stale_bake(name, baked)
     if settings.engine != "torch" and _is_baked(baked) and (exported / MANIFEST_FILE).is_file():
         if _export_is_current(settings, baked, exported):
             return

@@ -11,15 +11,13 @@ torch_engine.py as the fallback); this module only builds their inputs.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Protocol, Sequence
 
 import numpy as np
 
+from errors import ApiError
 from text_tokenizer import TextTokenizer
-
-# Position embeddings of BERT-style models end at 512; no window is longer.
-LONGEST_WINDOW = 512
 
 
 class TextEncoder(Protocol):
@@ -28,22 +26,67 @@ class TextEncoder(Protocol):
     def encode_text(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray: ...
 
 
+class UnknownPromptError(ApiError):
+    """A request named a prompt the model does not have."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        names = ", ".join(repr(known_name) for known_name in known)
+        super().__init__(400, f"prompt_name {name!r} is not a prompt of this model: "
+                              + (f"its prompts are {names}" if known else "it has no prompts"),
+                         code="unknown_prompt", param="prompt_name")
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """The model's prompts, as sentence-transformers keeps them (`prompts`, `default_prompt_name`).
+
+    A text is read after its prompt, as the model's encode() reads it: the named prompt, or the default
+    one when a request names none.
+    """
+    texts: dict[str, str] = field(default_factory=dict)
+    default_name: str | None = None
+
+    def text_of(self, name: str | None) -> str:
+        """The prompt a request's texts are read after ('' for none); UnknownPromptError for a name not known."""
+        if name is None:
+            return self.texts.get(self.default_name, "") if self.default_name else ""
+        if name not in self.texts:
+            raise UnknownPromptError(name, sorted(self.texts))
+        return self.texts[name]
+
+
 @dataclass(frozen=True)
 class TextModelShape:
     """What the text pipeline needs to know of a model besides its tokenizer."""
     dimension: int
     max_seq_length: int  # tokens in one window, special tokens included
     normalizes: bool  # the model ends with a Normalize module
+    prompts: Prompts = Prompts()
 
 
 @dataclass(frozen=True)
 class TokenizedText:
-    """One text as the windows of content token ids the model will see."""
+    """One text as the windows of token ids the model will see, special tokens aside.
+
+    With a prompt, every window starts with the prompt's ids (`prompt_length` of them), so a long text is
+    read with the same instruction throughout.
+    """
     windows: list[list[int]]
+    prompt_length: int = 0
 
     @property
     def token_count(self) -> int:
+        """Tokens of every window, the prompt's included: what the token limits count."""
         return sum(len(window) for window in self.windows)
+
+    @property
+    def prompt_tokens(self) -> int:
+        """The prompt's share of token_count."""
+        return self.prompt_length * len(self.windows)
+
+    def text_tokens(self, window: int) -> int:
+        """The text's own tokens in one window: its weight in the text's average."""
+        return len(self.windows[window]) - self.prompt_length
 
 
 class TextEmbedder:
@@ -53,21 +96,40 @@ class TextEmbedder:
                  max_batch_size: int, max_batch_tokens: int) -> None:
         self.tokenizer = tokenizer
         self.encoder = encoder
+        self.shape = shape
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
-        self.max_seq_length = min(shape.max_seq_length, LONGEST_WINDOW)
+        self.max_seq_length = shape.max_seq_length
         self.dimension = shape.dimension
         self.normalizes = shape.normalizes
+        self.prompts = shape.prompts
         self.prefix_ids, self.suffix_ids = tokenizer.prefix_ids, tokenizer.suffix_ids
         self.window_size = self.max_seq_length - len(self.prefix_ids) - len(self.suffix_ids)
 
-    def tokenize(self, texts: Sequence[str]) -> list[TokenizedText]:
-        """Tokenize every text once and split its ids into model-sized windows."""
-        return [TokenizedText(split_into_windows(ids, self.window_size)) for ids in self.tokenizer.token_ids(texts)]
+    def with_window_cap(self, max_window_tokens: int) -> TextEmbedder:
+        """This embedder with windows of at most max_window_tokens tokens (special tokens included)."""
+        if max_window_tokens >= self.max_seq_length:
+            return self
+        shape = replace(self.shape, max_seq_length=max_window_tokens)
+        return TextEmbedder(self.tokenizer, self.encoder, shape, self.max_batch_size, self.max_batch_tokens)
 
-    def tokenized_from_ids(self, token_id_lists: Sequence[Sequence[int]]) -> list[TokenizedText]:
-        """Texts given as the model's own token ids, split into windows like tokenized text."""
-        return [TokenizedText(split_into_windows(list(ids), self.window_size)) for ids in token_id_lists]
+    def tokenize(self, texts: Sequence[str], prompt_name: str | None = None) -> list[TokenizedText]:
+        """Tokenize every text once, after its prompt, and split its ids into model-sized windows.
+
+        UnknownPromptError when the model has no prompt of that name.
+        """
+        prompt = self.prompts.text_of(prompt_name)
+        if not prompt:
+            return [TokenizedText(split_into_windows(ids, self.window_size)) for ids in self.tokenizer.token_ids(texts)]
+        return [self._prompted(prompt_ids, ids) for prompt_ids, ids in self.tokenizer.prompted_token_ids(prompt, texts)]
+
+    def _prompted(self, prompt_ids: list[int], ids: list[int]) -> TokenizedText:
+        room = self.window_size - len(prompt_ids)
+        if room <= 0:
+            raise ApiError(400, f"The prompt has {len(prompt_ids)} tokens, which leave no room for text in the "
+                                f"model's window of {self.window_size}: name another prompt_name",
+                           param="prompt_name")
+        return TokenizedText([prompt_ids + window for window in split_into_windows(ids, room)], len(prompt_ids))
 
     @property
     def vocabulary_size(self) -> int:
@@ -112,7 +174,8 @@ class TextEmbedder:
         """Average a text's window vectors, weighted by their token counts."""
         if len(text.windows) == 1:
             return window_vectors[0]
-        weights = np.array([max(len(window), 1) for window in text.windows], dtype=np.float32)
+        weights = np.array([max(text.text_tokens(index), 1) for index in range(len(text.windows))],
+                           dtype=np.float32)
         vector = (window_vectors * weights[:, None]).sum(axis=0) / weights.sum()
         if self.normalizes:
             vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
@@ -127,9 +190,9 @@ class TextEmbedder:
             start = end
         return vectors
 
-    def embed(self, texts: Sequence[str]) -> list[np.ndarray]:
-        """One vector per text, in input order."""
-        tokenized = self.tokenize(texts)
+    def embed(self, texts: Sequence[str], prompt_name: str | None = None) -> list[np.ndarray]:
+        """One vector per text, in input order, each read after the prompt (see tokenize)."""
+        tokenized = self.tokenize(texts, prompt_name)
         return self.combine_all(tokenized, self.encode_windows(all_windows(tokenized)))
 
 

@@ -141,6 +141,14 @@ def validate_text_list(value: Any, where: str) -> list[str]:
     return [validate_text(item, f"{where}[{index}]") for index, item in enumerate(texts)]
 
 
+def validate_prompt_name(value: Any) -> str | None:
+    """None (the model's default prompt, if it has one) or the name of one of its prompts (checked when used)."""
+    if value is None or isinstance(value, str):
+        return value
+    raise ApiError(400, f"prompt_name must be a string naming one of the model's prompts, got {json_type(value)}",
+                   param="prompt_name")
+
+
 def places(where: str, count: int) -> list[str]:
     """The places of a list's items in error messages: texts[0], texts[1], ..."""
     return [f"{where}[{index}]" for index in range(count)]
@@ -209,10 +217,10 @@ def naming_items(item_places: Sequence[str]) -> Iterator[None]:
         raise error.at(item_places[error.index or 0]) from None
 
 
-def embed_texts(texts: Sequence[str], text_places: Sequence[str]) -> EmbeddingResult:
-    """The texts' vectors, their tokens counted for the request log and metrics."""
+def embed_texts(texts: Sequence[str], text_places: Sequence[str], prompt_name: str | None = None) -> EmbeddingResult:
+    """The texts' vectors, each text read after the prompt; their tokens counted for the request log and metrics."""
     with naming_items(text_places):
-        result = embedding_service().embed_texts(texts)
+        result = embedding_service().embed_texts(texts, prompt_name)
     count_work(tokens=result.token_count)
     return result
 

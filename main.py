@@ -23,8 +23,8 @@ from config import Settings, load_settings
 from errors import ApiError
 from http_common import (embed_images, embed_texts, embedding_service, error_answer, is_multipart, places,
                          read_json_object, read_uploaded_image, require_api_key, require_field,
-                         require_image_support, settings, validate_image_list, validate_image_string, validate_text,
-                         validate_text_list)
+                         require_image_support, settings, validate_image_list, validate_image_string,
+                         validate_prompt_name, validate_text, validate_text_list)
 from model_locator import served_model_id, without_local_paths
 from observability import Metrics
 from openai_api import OPENAI_PREFIX, openai_api, openai_envelope
@@ -118,15 +118,17 @@ def metrics():
 
 @api.post("/embeddings")
 def embed_text():
-    text = validate_text(require_field(read_json_object(), "text"), "text")
-    result = embed_texts([text], ["text"])
+    body = read_json_object()
+    text = validate_text(require_field(body, "text"), "text")
+    result = embed_texts([text], ["text"], validate_prompt_name(body.get("prompt_name")))
     return jsonify(embeddings=[result.vectors[0]])
 
 
 @api.post("/embeddings/batch")
 def embed_text_batch():
-    texts = validate_text_list(require_field(read_json_object(), "texts"), "texts")
-    result = embed_texts(texts, places("texts", len(texts)))
+    body = read_json_object()
+    texts = validate_text_list(require_field(body, "texts"), "texts")
+    result = embed_texts(texts, places("texts", len(texts)), validate_prompt_name(body.get("prompt_name")))
     return jsonify(embeddings=[[vector] for vector in result.vectors])
 
 

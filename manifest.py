@@ -19,13 +19,17 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 MANIFEST_FILE = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 # Short, long (split into windows on every model), multilingual and emoji texts: what users send.
 LONG_PROBE = " ".join(
     f"Paragraph {number}: the river bends past the old mill, where engineers measured the flow of water "
     f"through the turbines and wrote down how much power each season gave the village."
     for number in range(1, 25))
+# A text of about 150 tokens, read in one forward pass with a short one (PADDING_PAIR): the short one is then
+# padded by far more than 64 tokens, where a traced attention that mishandles padding shows (ModernBERT's
+# local attention window).
+MEDIUM_PROBE = " ".join(LONG_PROBE.split()[:110])
 PROBE_TEXTS: dict[str, str] = {
     "short": "hello world",
     "query": "how do I reset my password?",
@@ -40,7 +44,11 @@ PROBE_TEXTS: dict[str, str] = {
     "hindi": "मुझे भारतीय खाना बहुत पसंद है।",
     "emoji": "🚀🔥 launch day! 🎉 thanks everyone 🙏",
     "code": "def add(a: int, b: int) -> int:\n    return a + b  # ünïcödé",
+    "medium": MEDIUM_PROBE,
 }
+PADDING_PAIR = ("short", "medium")
+# Texts read after each of the model's own prompts, with references from its encode(prompt_name=...).
+PROMPTED_PROBES = ("query", "sentence")
 PROBE_IMAGE_FOLDER = "probes"
 
 
@@ -70,8 +78,9 @@ def probe_images() -> dict[str, Image.Image]:
 class ProbeText:
     name: str
     text: str
-    token_ids: list[int]  # the reference tokenizer's content ids (no special tokens)
+    token_ids: list[int]  # the reference tokenizer's content ids (no special tokens, no prompt)
     vector: list[float]
+    prompt_name: str | None = None  # read after this prompt of the model's (None: the default one, if any)
 
 
 @dataclass
@@ -84,7 +93,8 @@ class ProbeImage:
 @dataclass
 class Manifest:
     source_model: str  # as configured: name, hub id or folder name
-    source_fingerprint: str  # names and sizes of the source model's files; changes when the model does
+    source_fingerprint: str  # fingerprint(source_files): changes when the source model does
+    source_files: dict[str, str]  # the source model's files with their SHA-256, and its package
     engine: str
     weights_precision: str
     dimension: int
@@ -93,6 +103,8 @@ class Manifest:
     normalize: bool
     modules: list[str]
     tokenizer: dict[str, Any]  # file, pad_id, source
+    prompts: dict[str, str]  # the model's prompts by name, as sentence-transformers keeps them
+    default_prompt_name: str | None  # the prompt encode() applies when none is named
     text_model: str  # the engine's model file for texts
     image_model: str | None = None
     image_preprocessing: dict[str, Any] | None = None
@@ -150,13 +162,43 @@ def vectors_of(probes: list[ProbeText] | list[ProbeImage]) -> np.ndarray:
     return np.asarray([probe.vector for probe in probes], dtype=np.float32)
 
 
-def fingerprint(folder: Path) -> str:
-    """A digest of the names and sizes of a model folder's files: changes when the model does."""
-    digest = hashlib.sha256()
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            digest.update(f"{path.relative_to(folder).as_posix()}\0{path.stat().st_size}\n".encode())
-    return digest.hexdigest()
+# Written into a baked model folder: the files (and package) it was copied from, to tell when they change.
+SOURCE_RECORD_FILE = "baked_from.json"
+PACKAGE_KEY = "(package)"
+
+
+def source_files(folder: Path, package: str | None = None) -> dict[str, str]:
+    """Each file of a model folder with the SHA-256 of its contents, and the package (name and version) that
+    carries the folder, if one does. Changes whenever the model does, even by an edit of the same size."""
+    files = {path.relative_to(folder).as_posix(): file_facts(path)["sha256"] for path in sorted(folder.rglob("*"))
+             if path.is_file() and path.name != SOURCE_RECORD_FILE}
+    return {**files, PACKAGE_KEY: package} if package else files
+
+
+def write_source_record(folder: Path, files: dict[str, str]) -> None:
+    (folder / SOURCE_RECORD_FILE).write_text(json.dumps(files, indent=1, sort_keys=True))
+
+
+def read_source_record(folder: Path) -> dict[str, str] | None:
+    """The source_files() a baked folder was copied from; None when it has no record (baked by an older release)."""
+    try:
+        return json.loads((folder / SOURCE_RECORD_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def fingerprint(files: dict[str, str]) -> str:
+    """One digest of source_files()."""
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+def what_changed(before: dict[str, str], after: dict[str, str]) -> str:
+    """In words: which files of a model changed between two source_files() (at most a few of them named)."""
+    changed = sorted(name for name in before.keys() & after.keys() if before[name] != after[name])
+    parts = [f"{kind} {', '.join(names[:4])}{' and more' if len(names) > 4 else ''}" for kind, names in (
+        ("changed:", changed), ("added:", sorted(after.keys() - before.keys())),
+        ("removed:", sorted(before.keys() - after.keys()))) if names]
+    return "; ".join(parts) or "nothing"
 
 
 def file_facts(path: Path) -> dict[str, object]:

@@ -28,8 +28,8 @@ from sentence_transformers import SentenceTransformer
 
 import torch_engine
 from config import Settings
-from manifest import (PROBE_IMAGE_FOLDER, PROBE_TEXTS, Manifest, ProbeImage, ProbeText, file_facts, fingerprint,
-                      probe_images)
+from manifest import (PROBE_IMAGE_FOLDER, PROBE_TEXTS, PROMPTED_PROBES, Manifest, ProbeImage, ProbeText, file_facts,
+                      fingerprint, probe_images, read_source_record, source_files, write_source_record)
 from model_loading import EXPORT_ENGINE, load_torch_models
 
 TEXT_MODEL_FILE = "text.xml"
@@ -88,9 +88,11 @@ def export_model(settings: Settings, source: Path, target: Path) -> Manifest:
         raise ExportError(f"OpenVINO cannot convert model {settings.embedding_model!r}: "
                           f"{type(error).__name__}: {error}") from error
     reference.text.tokenizer.save(target / TOKENIZER_FILE)
+    baked_files = _baked_files(source)
     manifest = Manifest(
         source_model=settings.embedding_model,
-        source_fingerprint=fingerprint(source),
+        source_fingerprint=fingerprint(baked_files),
+        source_files=baked_files,
         engine=EXPORT_ENGINE,
         weights_precision="f32",
         dimension=reference.text.dimension,
@@ -100,12 +102,14 @@ def export_model(settings: Settings, source: Path, target: Path) -> Manifest:
         modules=[type(module).__name__ for module in model],
         tokenizer={"file": TOKENIZER_FILE, "pad_id": reference.text.tokenizer.pad_id,
                    "source": settings.tokenizer_model},
+        prompts=dict(reference.text.prompts.texts),
+        default_prompt_name=reference.text.prompts.default_name,
         text_model=TEXT_MODEL_FILE,
         image_model=IMAGE_MODEL_FILE if reference.images is not None else None,
         image_preprocessing=reference.images.preprocessing.to_dict() if reference.images is not None else None,
         exported_with={name: version(name) for name in
                        ("torch", "sentence-transformers", "transformers", "openvino", "tokenizers")},
-        probe_texts=_probe_texts(reference, transformers_tokenizer),
+        probe_texts=_probe_texts(model, reference, transformers_tokenizer),
         probe_images=_probe_images(model, target) if reference.images is not None else [],
     )
     manifest.files = {path.relative_to(target).as_posix(): file_facts(path)
@@ -140,12 +144,38 @@ def _convert(tower: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Pa
     ov.save_model(converted, str(path), compress_to_fp16=False)
 
 
-def _probe_texts(reference, transformers_tokenizer) -> list[ProbeText]:
-    names, texts = list(PROBE_TEXTS), list(PROBE_TEXTS.values())
-    vectors = reference.text.embed(texts)
-    return [ProbeText(name, text, list(transformers_tokenizer(text, add_special_tokens=False, verbose=False)
-                                       ["input_ids"]), vector.tolist())
-            for name, text, vector in zip(names, texts, vectors)]
+def _baked_files(folder: Path) -> dict[str, str]:
+    """What the baked folder was made from; recorded now for a folder baked before such records were kept."""
+    files = read_source_record(folder)
+    if files is None:
+        files = source_files(folder)
+        write_source_record(folder, files)
+    return files
+
+
+def _probe_texts(model: SentenceTransformer, reference, transformers_tokenizer) -> list[ProbeText]:
+    """Every probe text as the model reads it by default, then a few after each of its prompts."""
+    probes = [_probe_text(model, reference, transformers_tokenizer, name, text, None)
+              for name, text in PROBE_TEXTS.items()]
+    for prompt_name, prompt in sorted(reference.text.prompts.texts.items()):
+        if prompt:  # an empty prompt reads texts as they are: the probes above
+            probes += [_probe_text(model, reference, transformers_tokenizer, f"{name} after prompt {prompt_name!r}",
+                                   PROBE_TEXTS[name], prompt_name) for name in PROMPTED_PROBES]
+    return probes
+
+
+def _probe_text(model: SentenceTransformer, reference, transformers_tokenizer, name: str, text: str,
+                prompt_name: str | None) -> ProbeText:
+    """A probe with its reference vector: the model's own encode() where the text fits in one window, so the
+    check compares with the model itself; for a longer text (encode() would cut it), the torch model through
+    the service's windows and average."""
+    [tokenized] = reference.text.tokenize([text], prompt_name)
+    if len(tokenized.windows) == 1:
+        vector = model.encode([text], prompt_name=prompt_name, convert_to_numpy=True, show_progress_bar=False)[0]
+    else:
+        vector = reference.text.embed([text], prompt_name)[0]
+    token_ids = list(transformers_tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+    return ProbeText(name, text, token_ids, np.asarray(vector, dtype=np.float32).tolist(), prompt_name)
 
 
 def _probe_images(model: SentenceTransformer, target: Path) -> list[ProbeImage]:

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from config import Settings
-from embeddings import TextEmbedder, TextModelShape
+from embeddings import Prompts, TextEmbedder, TextModelShape
 from image_embeddings import ImageEmbedder, ImagePreprocessing
 from manifest import MANIFEST_FILE, Manifest
 from model_locator import hub_id, locate_export
@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 EXPORT_ENGINE = "openvino"
 WARM_UP_TEXT = "warm-up"
+# f32 against bf16 on the same CPU, all-MiniLM-L6-v2, 1 and 2 threads (README, "Inference engine").
+F32_SLOWDOWN = "2.8-3.7x"
 
 
 class SelfCheckError(RuntimeError):
@@ -45,10 +47,13 @@ class LoadedModels:
 
 
 def load_models(settings: Settings) -> LoadedModels:
-    """The configured model, ready to serve: its first forward passes (slower than the rest) already run."""
+    """The configured model, ready to serve: its first forward passes (slower than the rest) already run, its
+    windows held to MAX_WINDOW_TOKENS."""
     if settings.engine == "torch":
-        return warmed_up(load_torch_models(settings))
-    return load_exported_models(settings)  # the self-check has run texts (and images) through it
+        models = warmed_up(load_torch_models(settings))
+    else:
+        models = load_exported_models(settings)  # the self-check has run texts (and images) through it
+    return replace(models, text=models.text.with_window_cap(settings.max_window_tokens))
 
 
 def warmed_up(models: LoadedModels) -> LoadedModels:
@@ -87,6 +92,10 @@ def load_exported_models(settings: Settings) -> LoadedModels:
         if result.passed:
             logger.info("Self-check passed on %s %s in %.2f s: %s", models.engine, models.precision,
                         time.monotonic() - started, result.summary)
+            if rejected:
+                logger.warning("Serving %s: the faster precision failed the self-check (%s). Full precision is "
+                               "%s slower on CPUs with bf16; ENGINE_PRECISION=f32 skips the faster one at start-up",
+                               models.precision, " / ".join(rejected), F32_SLOWDOWN)
             return LoadedModels(models.text, models.images, models.engine, models.precision, result.summary)
         logger.warning("Self-check failed on %s %s: %s", models.engine, models.precision, result.summary)
         rejected.append(f"{models.precision}: {'; '.join(result.failures[:3])}")
@@ -108,7 +117,8 @@ def open_export(folder: Path, manifest: Manifest, precision: str, settings: Sett
     image_model = folder / manifest.image_model if manifest.image_model else None
     engine = OpenVINOEngine(folder / manifest.text_model, image_model, precision, settings.engine_threads)
     tokenizer = TextTokenizer.from_file(folder / manifest.tokenizer["file"], manifest.tokenizer["pad_id"])
-    shape = TextModelShape(manifest.dimension, manifest.max_seq_length, manifest.normalize)
+    shape = TextModelShape(manifest.dimension, manifest.max_seq_length, manifest.normalize,
+                           Prompts(manifest.prompts, manifest.default_prompt_name))
     text = TextEmbedder(tokenizer, engine, shape, settings.max_batch_size, settings.batch_max_tokens)
     images = None
     if image_model is not None:

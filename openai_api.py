@@ -18,7 +18,8 @@ from flask import Blueprint, Response, jsonify
 from errors import ApiError
 from http_common import (check_image_count, check_text_count, embed_images, embed_texts, embed_token_ids,
                          embedding_service, error_answer, json_type, read_json_object, require_api_key,
-                         require_field, require_image_support, settings, validate_image_string, validate_text)
+                         require_field, require_image_support, settings, validate_image_string,
+                         validate_prompt_name, validate_text)
 from model_locator import hub_id, served_model_id
 
 # Routes under this prefix speak the OpenAI API, errors included.
@@ -170,7 +171,17 @@ def is_image_data_uri(item: Any) -> bool:
 
 # --- embedding --------------------------------------------------------------
 
-def embed_input(items: Input) -> tuple[list[np.ndarray], int]:
+def validate_prompt_for(items: Input, prompt_name: str | None) -> str | None:
+    """A prompt names how texts are read; token ids are read as they are, so a prompt with them is refused."""
+    if prompt_name is not None and items.token_ids:
+        known = ", ".join(repr(name) for name in sorted(embedding_service().prompts().texts)) or "none"
+        raise ApiError(400, f"prompt_name {prompt_name!r} cannot apply to token ids, which the model reads as they "
+                            f"are: send texts with prompt_name, or the token ids without it (this model's prompts: "
+                            f"{known})", param="prompt_name")
+    return prompt_name
+
+
+def embed_input(items: Input, prompt_name: str | None = None) -> tuple[list[np.ndarray], int]:
     """One vector per item in input order, and the tokens processed (images count none: usage is about text).
 
     Texts go first: they are held to their limits before anything of the request reaches the model.
@@ -179,7 +190,7 @@ def embed_input(items: Input) -> tuple[list[np.ndarray], int]:
     token_count = 0
     if items.texts or items.token_ids:
         result = (embed_token_ids(list(items.token_ids.values()), items.places(items.token_ids)) if items.token_ids
-                  else embed_texts(list(items.texts.values()), items.places(items.texts)))
+                  else embed_texts(list(items.texts.values()), items.places(items.texts), prompt_name))
         vectors.update(zip([*items.texts, *items.token_ids], result.vectors))
         token_count = result.token_count
     if items.images:
@@ -213,8 +224,9 @@ def create_embeddings():
         items = validate_input(require_field(body, "input"))
     encoding_format = validate_encoding_format(body.get("encoding_format", "float"))
     dimensions = validate_dimensions(body.get("dimensions"))
+    prompt_name = validate_prompt_for(items, validate_prompt_name(body.get("prompt_name")))
     with blame("input"):
-        vectors, token_count = embed_input(items)
+        vectors, token_count = embed_input(items, prompt_name)
     data = [{"object": "embedding", "index": index,
              "embedding": encode_vector(shorten(vector, dimensions), encoding_format)}
             for index, vector in enumerate(vectors)]
@@ -232,5 +244,7 @@ def list_models():
         "owned_by": OWNED_BY,
         "dimension": service.dimension(),
         "max_sequence_length": service.max_sequence_length(),
+        "prompts": service.prompts().texts,
+        "default_prompt_name": service.prompts().default_name,
     }
     return jsonify(object="list", data=[model])

@@ -10,6 +10,11 @@ import copy
 from typing import Any
 
 VECTOR = {"type": "array", "items": {"type": "number"}, "description": "One embedding vector."}
+PROMPT_NAME = {"type": ["string", "null"],
+               "description": "The name of one of the model's prompts (GET /v1/models lists them): each text is "
+                              "read after that prompt, in every window, as sentence-transformers' "
+                              "encode(prompt_name=...) reads it. Unset: the model's default prompt, if it has one. "
+                              "A name the model does not have is 400."}
 PROTECTED = [{"ApiKeyAuth": []}, {"BearerAuth": []}]
 PUBLIC: list[dict[str, list]] = []
 
@@ -35,9 +40,9 @@ def response(description: str, schema: dict[str, Any], headers: dict[str, Any] |
 def errors(error_schema: str, *statuses: int) -> dict[str, Any]:
     """The documented error responses of a route, all in one error schema."""
     meanings = {
-        400: "The request is malformed or a field is invalid, it has more texts or images than allowed "
-             "(MAX_TEXTS_PER_BATCH, MAX_IMAGES_PER_BATCH), or it sends an image to a model that embeds text "
-             "only; the message says which and why.",
+        400: "The request is malformed or a field is invalid (a prompt_name the model does not have), it has "
+             "more texts or images than allowed (MAX_TEXTS_PER_BATCH, MAX_IMAGES_PER_BATCH), or it sends an "
+             "image to a model that embeds text only; the message says which and why.",
         401: "Missing or invalid API key.",
         404: "Unknown model (code model_not_found).",
         413: "The body, a text, the request's texts together or an image is over its limit: MAX_REQUEST_SIZE "
@@ -55,7 +60,8 @@ def errors(error_schema: str, *statuses: int) -> dict[str, Any]:
         headers = {"Retry-After": {"description": "Seconds to wait before retrying.",
                                    "schema": {"type": "integer"}}} if status in (429, 503) else None
         answers[str(status)] = response(meanings[status], ref(error_schema), headers)
-    answers["default"] = response("Any other error (unknown route 404, wrong method 405, internal 500).",
+    answers["default"] = response("Any other error (unknown route 404, wrong method 405, internal 500, or 500 "
+                                  "non_finite_vectors when the model made a vector that is not a finite number).",
                                   ref(error_schema))
     return answers
 
@@ -91,7 +97,8 @@ SCHEMAS: dict[str, Any] = {
                 "param": {"type": ["string", "null"], "description": "The request field at fault."},
                 "code": {"type": ["string", "null"], "examples": [
                     "model_not_found", "invalid_api_key", "request_too_large", "model_loading",
-                    "model_load_failed", "server_busy", "not_found", "method_not_allowed", "internal_error"]},
+                    "model_load_failed", "server_busy", "not_found", "method_not_allowed", "internal_error",
+                    "unknown_prompt", "non_finite_vectors"]},
             },
         }},
     },
@@ -118,19 +125,27 @@ SCHEMAS: dict[str, Any] = {
             "workers_ready": {"type": "integer", "description": "Workers with their model loaded (status loading, "
                                                                 "when some but not all are ready)."},
             "workers": {"type": "integer", "description": "Workers the server runs."},
+            "prompts": {"type": "array", "items": {"type": "string"},
+                        "description": "The names of the model's prompts (status ready)."},
+            "default_prompt_name": {"type": ["string", "null"],
+                                    "description": "The prompt texts are read after when a request names none."},
+            "non_finite_requests": {"type": "integer", "description": "Requests refused because the model made "
+                                                                      "a vector that is not finite (when any)."},
         },
     },
     "TextRequest": {
         "type": "object", "required": ["text"],
         "properties": {"text": {"type": "string", "minLength": 1,
                                 "description": "At most MAX_TOKENS_PER_TEXT tokens (8192 by default); longer "
-                                               "than the model's window is split into windows and averaged."}},
+                                               "than the model's window is split into windows and averaged."},
+                       "prompt_name": PROMPT_NAME},
     },
     "TextBatchRequest": {
         "type": "object", "required": ["texts"],
         "properties": {"texts": {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1},
                                  "description": "At most MAX_TEXTS_PER_BATCH texts of at most MAX_TOKENS_PER_TEXT "
-                                                "tokens each, and MAX_TOKENS_PER_REQUEST tokens in all."}},
+                                                "tokens each, and MAX_TOKENS_PER_REQUEST tokens in all."},
+                       "prompt_name": PROMPT_NAME},
     },
     "ImageRequest": {
         "type": "object", "required": ["image"],
@@ -182,6 +197,8 @@ SCHEMAS: dict[str, Any] = {
             "dimensions": {"type": "integer", "minimum": 1,
                            "description": "Keep the first N components and L2-normalise again."},
             "user": {"type": "string", "description": "Accepted and ignored."},
+            "prompt_name": {**PROMPT_NAME, "description": PROMPT_NAME["description"] + " Not with token ids, "
+                            "which the model reads as they are (400). The OpenAI client sends it in extra_body."},
         },
     },
     "CreateEmbeddingResponse": {
@@ -218,7 +235,13 @@ SCHEMAS: dict[str, Any] = {
                     "owned_by": {"type": "string"},
                     "dimension": {"type": "integer", "minimum": 1},
                     "max_sequence_length": {"type": "integer", "minimum": 1,
-                                            "description": "Tokens per window; longer inputs are split into windows."},
+                                            "description": "Tokens per window (the model's own, at most "
+                                                           "MAX_WINDOW_TOKENS); longer inputs are split into "
+                                                           "windows."},
+                    "prompts": {"type": "object", "additionalProperties": {"type": "string"},
+                                "description": "The model's prompts by name (sentence-transformers' prompts)."},
+                    "default_prompt_name": {"type": ["string", "null"],
+                                            "description": "The prompt applied when a request names none."},
                 },
             }},
         },

@@ -18,7 +18,7 @@ import numpy as np
 
 from batcher import Batcher, BatchLimits, BatchStats
 from config import Settings
-from embeddings import TextEmbedder, TokenizedText, all_windows
+from embeddings import Prompts, TextEmbedder, TokenizedText, all_windows
 from errors import LOADING_RETRY_AFTER, ApiError, ItemError
 from model_loading import LoadedModels, load_models
 
@@ -77,23 +77,40 @@ class EmbeddingResult:
     token_count: int  # tokens the model processed, special tokens included
 
 
+class NonFiniteVectorsError(ApiError):
+    """The model made a vector that is not a finite number (NaN or infinity): nothing of the request is answered."""
+
+    def __init__(self) -> None:
+        super().__init__(500, "The model made vectors that are not finite numbers for this request, so none are "
+                              "returned; this has been logged for the operator (GET /health/ready counts it)",
+                         code="non_finite_vectors")
+
+
 class RequestTokens:
     """One request's tokens, counted text by text against MAX_TOKENS_PER_TEXT and MAX_TOKENS_PER_REQUEST."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, prompt_name: str | None = None) -> None:
         self.per_text = settings.max_tokens_per_text
         self.per_request = settings.max_tokens_per_request
+        self.prompt_name = prompt_name
         self.total = 0
+        self.prompt_total = 0
 
-    def add(self, tokens: int, index: int) -> None:
-        """Count the tokens of the text at `index`: an ItemError (413) with the count and the limit past one."""
+    def add(self, tokens: int, index: int, prompt_tokens: int = 0) -> None:
+        """Count the tokens of the text at `index`, `prompt_tokens` of them its prompt's: an ItemError (413) with
+        the count, the prompt's share and the limit past a limit."""
         if tokens > self.per_text:
-            raise ItemError(413, f"has {tokens} tokens; the limit is {self.per_text} (MAX_TOKENS_PER_TEXT)", index)
+            raise ItemError(413, f"has {tokens} tokens{self._share(prompt_tokens)}; the limit is {self.per_text} "
+                                 f"(MAX_TOKENS_PER_TEXT)", index)
         self.total += tokens
+        self.prompt_total += prompt_tokens
         if self.total > self.per_request:
-            raise ItemError(413, f"have {self.total} tokens; the limit per request is {self.per_request} "
-                                 f"(MAX_TOKENS_PER_REQUEST): send them in several requests", index,
-                            lead="The texts up to ")
+            raise ItemError(413, f"have {self.total} tokens{self._share(self.prompt_total)}; the limit per request "
+                                 f"is {self.per_request} (MAX_TOKENS_PER_REQUEST): send them in several requests",
+                            index, lead="The texts up to ")
+
+    def _share(self, prompt_tokens: int) -> str:
+        return f" with the prompt {self.prompt_name!r} ({prompt_tokens} of them)" if prompt_tokens else ""
 
 
 def check_request_characters(texts: Sequence[str], max_tokens_per_request: int) -> None:
@@ -122,6 +139,8 @@ class EmbeddingService:
         self._loader: threading.Thread | None = None
         self.loaded_at: int | None = None  # Unix time the model became ready
         self._image_slots = threading.BoundedSemaphore(IMAGE_DECODE_SLOTS)
+        self._faults_lock = threading.Lock()
+        self.non_finite_requests = 0  # requests refused because the model made a vector that is not finite
 
     # --- loading ------------------------------------------------------------------
 
@@ -172,9 +191,14 @@ class EmbeddingService:
         if fault is not None:
             return False, {"status": "error", "model": self.settings.embedding_model, "reason": fault}
         if self._ready.is_set():
-            return True, {"status": "ready", "model": self.settings.embedding_model,
-                          "supports_images": self._models.images is not None,
-                          "engine": self._models.engine, "precision": self._models.precision}
+            body = {"status": "ready", "model": self.settings.embedding_model,
+                    "supports_images": self._models.images is not None,
+                    "engine": self._models.engine, "precision": self._models.precision,
+                    "prompts": sorted(self._models.text.prompts.texts),
+                    "default_prompt_name": self._models.text.prompts.default_name}
+            if self.non_finite_requests:
+                body["non_finite_requests"] = self.non_finite_requests
+            return True, body
         if self._error is not None:
             return False, {"status": "error", "model": self.settings.embedding_model, "reason": self._error}
         return False, {"status": "loading"}
@@ -195,25 +219,31 @@ class EmbeddingService:
 
     # --- texts --------------------------------------------------------------------
 
-    def embed_texts(self, texts: Sequence[str]) -> EmbeddingResult:
-        """One vector per text, in input order, each text tokenized once and held to the limits before any
-        window is queued.
+    def embed_texts(self, texts: Sequence[str], prompt_name: str | None = None) -> EmbeddingResult:
+        """One vector per text, in input order, each text read after its prompt (the named one, or the model's
+        default), tokenized once and held to the limits before any window is queued.
 
-        Raises ApiError (413) when all texts together hold too many characters, before any is tokenized;
-        ItemError (413), with the text's index, at the first text past a token limit: tokenizing stops
-        there, so a refused request costs about as much as the largest accepted one.
+        Raises UnknownPromptError (400) for a prompt the model does not have; ApiError (413) when all texts
+        together hold too many characters, before any is tokenized; ItemError (413), with the text's index,
+        at the first text past a token limit (the prompt's tokens count): tokenizing stops there, so a refused
+        request costs about as much as the largest accepted one.
         """
         text = self._ready_models().text
+        text.prompts.text_of(prompt_name)  # an unknown prompt is refused before any work
         check_request_characters(texts, self.settings.max_tokens_per_request)
-        counted, tokenized = RequestTokens(self.settings), []
+        counted = RequestTokens(self.settings, prompt_name or text.prompts.default_name)
+        tokenized = []
         for index, one_text in enumerate(texts):
-            [one] = text.tokenize([one_text])
-            counted.add(one.token_count, index)
+            [one] = text.tokenize([one_text], prompt_name)
+            counted.add(one.token_count, index, one.prompt_tokens)
             tokenized.append(one)
         return self._encode_and_combine(text, tokenized)
 
     def embed_token_ids(self, token_id_lists: Sequence[Sequence[int]]) -> EmbeddingResult:
-        """One vector per list of the model's own token ids, held to the token limits as texts are."""
+        """One vector per list of the model's own token ids, held to the token limits as texts are.
+
+        The ids are what the model reads: no prompt is added to them.
+        """
         text = self._ready_models().text
         counted = RequestTokens(self.settings)
         for index, ids in enumerate(token_id_lists):
@@ -221,10 +251,22 @@ class EmbeddingService:
         return self._encode_and_combine(text, text.tokenized_from_ids(token_id_lists))
 
     def _encode_and_combine(self, text: TextEmbedder, tokenized: list[TokenizedText]) -> EmbeddingResult:
-        """Raises QueueFullError when the queue cannot take the windows, RequestTimeoutError past the deadline."""
-        window_vectors = self._batcher.encode(all_windows(tokenized))
+        """Raises QueueFullError when the queue cannot take the windows, RequestTimeoutError past the deadline,
+        NonFiniteVectorsError when the model made a vector that is not finite."""
+        window_vectors = self._finite(self._batcher.encode(all_windows(tokenized)), f"{len(tokenized)} texts")
         return EmbeddingResult(text.combine_all(tokenized, window_vectors),
                                sum(text.tokens_processed(one) for one in tokenized))
+
+    def _finite(self, vectors: np.ndarray, what: str) -> np.ndarray:
+        """The vectors, or NonFiniteVectorsError (logged and counted) if any is NaN or infinite: a model that
+        misreads an input (a traced attention that mishandles padding) must never hand out such a vector."""
+        if np.isfinite(vectors).all():
+            return vectors
+        with self._faults_lock:
+            self.non_finite_requests += 1
+        logger.error("Model %s made vectors that are not finite for a request of %s; the request gets 500 "
+                     "(%d such requests so far)", self.settings.embedding_model, what, self.non_finite_requests)
+        raise NonFiniteVectorsError()
 
     # --- images -------------------------------------------------------------------
 
@@ -245,9 +287,14 @@ class EmbeddingService:
         self._batcher.ensure_room()
         with self._image_slots:
             prepared = images.prepare_encoded(encoded_images)
-        return self._batcher.run_alone(lambda: images.embed_prepared(prepared), len(prepared) * IMAGE_WORK_TOKENS)
+        vectors = self._batcher.run_alone(lambda: images.embed_prepared(prepared), len(prepared) * IMAGE_WORK_TOKENS)
+        return list(self._finite(np.asarray(vectors), f"{len(prepared)} images"))
 
     # --- the model's facts ----------------------------------------------------------
+
+    def prompts(self) -> Prompts:
+        """The model's prompts by name, and the one applied when a request names none."""
+        return self._ready_models().text.prompts
 
     def vocabulary_size(self) -> int:
         return self._ready_models().text.vocabulary_size

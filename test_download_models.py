@@ -13,7 +13,8 @@ import pytest
 import download_models
 from config import Settings
 from conftest import SAME_ENGINE_MIN_COSINE, TEST_API_KEY, assert_same_vectors, running_service
-from model_locator import baked_model_dir, exported_model_dir, locate_model
+from manifest import source_files, write_source_record
+from model_locator import baked_model_dir, exported_model_dir, locate_local_source, locate_model
 from torch_engine import load_transformers_tokenizer
 
 MODEL = "all-MiniLM-L6-v2"
@@ -94,6 +95,9 @@ def test_a_broken_baked_folder_is_baked_again(bake_environment, monkeypatch, cap
     baked = baked_model_dir(bake_environment, MODEL)
     baked.mkdir(parents=True)
     (baked / "modules.json").write_text("not json")
+    # Baked from the very files the package holds, and broken since.
+    source = locate_local_source(MODEL)
+    write_source_record(baked, source_files(Path(source.path), source.package))
 
     assert download_models.main(["--no-download"]) == 0
 

@@ -35,7 +35,8 @@ def test_ready_reports_the_model(server):
     response = requests.get(server.url + "/health/ready", timeout=5)
     assert response.status_code == 200
     assert response.json() == {"status": "ready", "model": "all-MiniLM-L6-v2", "supports_images": False,
-                               "engine": "openvino", "precision": expected_precision()}
+                               "engine": "openvino", "precision": expected_precision(),
+                               "prompts": ["document", "query"], "default_prompt_name": None}
 
 
 def test_embeddings_returns_one_wrapped_vector(server, reference_model):

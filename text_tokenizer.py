@@ -37,6 +37,21 @@ class TextTokenizer:
         encodings = self._backend.encode_batch(list(texts), add_special_tokens=False)
         return [encoding.ids for encoding in encodings]
 
+    def prompted_token_ids(self, prompt: str, texts: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+        """Each text read after a prompt, as the model's own encode() reads it: prompt and text tokenized as one
+        string, then split into the prompt's ids and the text's.
+
+        Tokenizing them apart could differ at the seam (SentencePiece reads the prompt's trailing space as a
+        token of its own). A token that spans the seam (a prompt that ends inside a word) is the text's.
+        """
+        encodings = self._backend.encode_batch([prompt + text for text in texts], add_special_tokens=False)
+        split = []
+        for encoding in encodings:
+            in_prompt = next((index for index, (_, end) in enumerate(encoding.offsets) if end > len(prompt)),
+                             len(encoding.ids))
+            split.append((encoding.ids[:in_prompt], encoding.ids[in_prompt:]))
+        return split
+
     def save(self, path: str | Path) -> None:
         self._backend.save(str(path))
 

@@ -16,7 +16,7 @@ from sentence_transformers.base.modules import Normalize
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from config import Settings
-from embeddings import LONGEST_WINDOW, TextModelShape
+from embeddings import Prompts, TextModelShape
 from image_embeddings import ImagePreprocessing
 from model_locator import locate_model
 from text_tokenizer import TextTokenizer
@@ -90,16 +90,31 @@ def text_tokenizer_of(transformers_tokenizer: PreTrainedTokenizerBase) -> TextTo
 
 
 def text_shape_of(model: SentenceTransformer) -> TextModelShape:
-    max_seq_length = min(model.max_seq_length or LONGEST_WINDOW, LONGEST_WINDOW, position_limit(model))
+    """The model's own window (its max_seq_length, within the positions it has), pooling facts and prompts."""
+    if any(getattr(module, "include_prompt", True) is False for module in model):
+        raise ValueError("the model's Pooling leaves the prompt's tokens out of the average (include_prompt false), "
+                         "which the service does not do: its vectors would differ from the model's own")
+    positions = position_limit(model)
+    max_seq_length = min(model.max_seq_length or positions, positions)
     normalizes = any(isinstance(module, Normalize) for module in model)
-    return TextModelShape(model.get_embedding_dimension(), max_seq_length, normalizes)
+    prompts = Prompts({name: text or "" for name, text in model.prompts.items()}, model.default_prompt_name)
+    return TextModelShape(model.get_embedding_dimension(), max_seq_length, normalizes, prompts)
 
 
 def position_limit(model: SentenceTransformer) -> int:
-    """The most positions the model's text encoder has embeddings for (77 for CLIP, 512 for BERT)."""
+    """The most tokens the model's text encoder has positions for (77 for CLIP, 512 for BERT and RoBERTa).
+
+    RoBERTa-like models (XLM-R, MPNet) number positions after their padding id, so two of their
+    max_position_embeddings (514) are never a token's.
+    """
     config = model.transformers_model.config
     text_config = getattr(config, "text_config", None) or config
-    return getattr(text_config, "max_position_embeddings", None) or LONGEST_WINDOW
+    positions = getattr(text_config, "max_position_embeddings", None)
+    if positions is None:
+        raise ValueError(f"{type(config).__name__} does not say how many positions the model has "
+                         f"(max_position_embeddings); serve it with a max_seq_length in its sentence_bert_config.json")
+    padding_offset = getattr(getattr(model.transformers_model, "embeddings", None), "padding_idx", None)
+    return positions - (padding_offset + 1 if padding_offset is not None else 0)
 
 
 def supports_images(model: SentenceTransformer) -> bool:
