@@ -304,6 +304,10 @@ nest_cgroups() {
 }
 
 kube_phase() {
+    if ! "$PYTHON" -c 'import yaml' 2>/dev/null; then
+        echo "the kube phase needs a Python with PyYAML: set PYTHON (make install puts one in .venv)" >&2
+        return 1
+    fi
     write_podman_config
     export CONTAINERS_CONF=$KUBE_CONTAINERS_CONF
     hide_cgroup2_mount
