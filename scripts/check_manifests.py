@@ -118,6 +118,33 @@ def _check_probe_path(where: str, kind: str, path: Any, endpoint: str, url_map_a
     return []
 
 
+def check_pod_hardening(deployment: dict, gunicorn_conf: Path) -> list[str]:
+    """What the README promises of the pod and podman 4.3 does not honour, so the kube play check cannot see."""
+    pod = deployment["spec"]["template"]["spec"]
+    problems = []
+    if pod.get("automountServiceAccountToken") is not False:
+        problems.append("Deployment: automountServiceAccountToken must be false (the service calls no API server)")
+    graceful = re.search(r"^graceful_timeout = (\d+)", gunicorn_conf.read_text(), re.MULTILINE)
+    grace = pod.get("terminationGracePeriodSeconds", 30)
+    if graceful and grace <= int(graceful.group(1)):
+        problems.append(f"Deployment: terminationGracePeriodSeconds {grace} does not outlast gunicorn's "
+                        f"graceful_timeout {graceful.group(1)}: requests in flight would be killed")
+    memory_volumes = {volume["name"]: volume["emptyDir"] for volume in pod.get("volumes", [])
+                      if (volume.get("emptyDir") or {}).get("medium") == "Memory"}
+    for container in pod_containers(deployment):
+        context = {**pod.get("securityContext", {}), **container.get("securityContext", {})}
+        where = f"Deployment container {container.get('name')!r}"
+        if context.get("runAsNonRoot") is not True or not context.get("runAsUser"):
+            problems.append(f"{where}: must set runAsNonRoot: true and a non-zero runAsUser")
+        if context.get("seccompProfile", {}).get("type") not in SECCOMP_PROFILES:
+            problems.append(f"{where}: seccompProfile.type must be one of {sorted(SECCOMP_PROFILES)}")
+        tmp = [mount["name"] for mount in container.get("volumeMounts", []) if mount.get("mountPath") == "/tmp"]
+        if context.get("readOnlyRootFilesystem") and not (tmp and memory_volumes.get(tmp[0], {}).get("sizeLimit")):
+            problems.append(f"{where}: a read-only root needs /tmp from an emptyDir with medium: Memory and a "
+                            f"sizeLimit")
+    return problems
+
+
 def check_kubernetes_wiring(documents: list[tuple[Path, dict]]) -> list[str]:
     """The Service, HPA and PDB point at the Deployment and its pods."""
     by_kind = {document.get("kind"): (path, document) for path, document in documents}
@@ -152,33 +179,6 @@ def check_kubernetes_wiring(documents: list[tuple[Path, dict]]) -> list[str]:
         if (target.get("kind"), target.get("name")) != ("Deployment", deployment["metadata"]["name"]):
             problems.append(f"HorizontalPodAutoscaler: scales {target.get('kind')} {target.get('name')!r}, "
                             f"not the Deployment {deployment['metadata']['name']!r}")
-    return problems
-
-
-def check_pod_hardening(deployment: dict, gunicorn_conf: Path) -> list[str]:
-    """What the README promises of the pod and podman 4.3 does not honour, so the kube play check cannot see."""
-    pod = deployment["spec"]["template"]["spec"]
-    problems = []
-    if pod.get("automountServiceAccountToken") is not False:
-        problems.append("Deployment: automountServiceAccountToken must be false (the service calls no API server)")
-    graceful = re.search(r"^graceful_timeout = (\d+)", gunicorn_conf.read_text(), re.MULTILINE)
-    grace = pod.get("terminationGracePeriodSeconds", 30)
-    if graceful and grace <= int(graceful.group(1)):
-        problems.append(f"Deployment: terminationGracePeriodSeconds {grace} does not outlast gunicorn's "
-                        f"graceful_timeout {graceful.group(1)}: requests in flight would be killed")
-    memory_volumes = {volume["name"]: volume["emptyDir"] for volume in pod.get("volumes", [])
-                      if (volume.get("emptyDir") or {}).get("medium") == "Memory"}
-    for container in pod_containers(deployment):
-        context = {**pod.get("securityContext", {}), **container.get("securityContext", {})}
-        where = f"Deployment container {container.get('name')!r}"
-        if context.get("runAsNonRoot") is not True or not context.get("runAsUser"):
-            problems.append(f"{where}: must set runAsNonRoot: true and a non-zero runAsUser")
-        if context.get("seccompProfile", {}).get("type") not in SECCOMP_PROFILES:
-            problems.append(f"{where}: seccompProfile.type must be one of {sorted(SECCOMP_PROFILES)}")
-        tmp = [mount["name"] for mount in container.get("volumeMounts", []) if mount.get("mountPath") == "/tmp"]
-        if context.get("readOnlyRootFilesystem") and not (tmp and memory_volumes.get(tmp[0], {}).get("sizeLimit")):
-            problems.append(f"{where}: a read-only root needs /tmp from an emptyDir with medium: Memory and a "
-                            f"sizeLimit")
     return problems
 
 
