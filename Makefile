@@ -35,7 +35,8 @@ browser:
 unit: install
 	$(BIN)/pytest --cov=. --cov-report=term --cov-report=html $(PYTEST_ARGS)
 
-# hadolint, the workflow schema, the manifests, then the real image built and run with podman.
+# hadolint, the workflow schema, the manifests, then the real image built and run with podman,
+# and the Kubernetes Deployment played on it with podman kube play.
 container-check: install
 	VENV=$(VENV) bash scripts/ci_container.sh
 

@@ -108,3 +108,33 @@ def test_an_unparsable_manifest_fails_the_script(copy_root):
     assert finished.returncode == 1
     assert "pdb.yaml: does not parse" in finished.stderr
     assert "deploy/kubernetes: no PodDisruptionBudget" in finished.stderr
+
+
+def test_tmp_on_disk_under_a_read_only_root_is_reported(copy_root):
+    # podman kube play puts /tmp on disk whatever the manifest says, so only this check sees the medium.
+    edit_yaml(copy_root / "deploy/kubernetes/deployment.yaml",
+              lambda doc: doc["spec"]["template"]["spec"]["volumes"][0]["emptyDir"].pop("medium"))
+    assert check_manifests.check(copy_root) == [
+        "Deployment container 'vector-embedder': a read-only root needs /tmp from an emptyDir with medium: Memory "
+        "and a sizeLimit"]
+
+
+def test_a_grace_period_gunicorn_outlasts_is_reported(copy_root):
+    edit_yaml(copy_root / "deploy/kubernetes/deployment.yaml",
+              lambda doc: doc["spec"]["template"]["spec"].update(terminationGracePeriodSeconds=30))
+    assert check_manifests.check(copy_root) == [
+        "Deployment: terminationGracePeriodSeconds 30 does not outlast gunicorn's graceful_timeout 30: "
+        "requests in flight would be killed"]
+
+
+def test_a_pod_without_its_hardening_is_reported(copy_root):
+    def change(doc):
+        pod = doc["spec"]["template"]["spec"]
+        del pod["automountServiceAccountToken"]
+        del pod["securityContext"]["runAsNonRoot"]
+        del pod["securityContext"]["seccompProfile"]
+    edit_yaml(copy_root / "deploy/kubernetes/deployment.yaml", change)
+    assert check_manifests.check(copy_root) == [
+        "Deployment: automountServiceAccountToken must be false (the service calls no API server)",
+        "Deployment container 'vector-embedder': must set runAsNonRoot: true and a non-zero runAsUser",
+        "Deployment container 'vector-embedder': seccompProfile.type must be one of ['Localhost', 'RuntimeDefault']"]

@@ -8,8 +8,11 @@ in the real app's url_map, not in a list kept here); every port must be the
 port the image serves on (the Dockerfile's PORT and EXPOSE, which must be the
 service's default PORT that gunicorn.conf.py binds to); the Kubernetes
 Service, HorizontalPodAutoscaler and PodDisruptionBudget must select the
-Deployment's pods; and the API key must come from a secret. Prints each
-problem and exits 1 when there is any.
+Deployment's pods; the API key must come from a secret; and the Deployment's
+pod must keep the hardening that `podman kube play` (scripts/kube_play_check.py)
+cannot show: a non-root user, the runtime's seccomp profile, no service account
+token, /tmp in memory with a size limit, and a grace period longer than
+gunicorn's. Prints each problem and exits 1 when there is any.
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ PROBE_ENDPOINTS = {
     "livenessProbe": "health.liveness",
 }
 API_KEY_VARIABLE = "VECTOR_EMBEDDER_API_KEY"
+SECCOMP_PROFILES = {"RuntimeDefault", "Localhost"}
 
 
 def load_manifests(deploy_dir: Path) -> tuple[list[tuple[Path, dict]], list[str]]:
@@ -114,6 +118,33 @@ def _check_probe_path(where: str, kind: str, path: Any, endpoint: str, url_map_a
     return []
 
 
+def check_pod_hardening(deployment: dict, gunicorn_conf: Path) -> list[str]:
+    """What the README promises of the pod and podman 4.3 does not honour, so the kube play check cannot see."""
+    pod = deployment["spec"]["template"]["spec"]
+    problems = []
+    if pod.get("automountServiceAccountToken") is not False:
+        problems.append("Deployment: automountServiceAccountToken must be false (the service calls no API server)")
+    graceful = re.search(r"^graceful_timeout = (\d+)", gunicorn_conf.read_text(), re.MULTILINE)
+    grace = pod.get("terminationGracePeriodSeconds", 30)
+    if graceful and grace <= int(graceful.group(1)):
+        problems.append(f"Deployment: terminationGracePeriodSeconds {grace} does not outlast gunicorn's "
+                        f"graceful_timeout {graceful.group(1)}: requests in flight would be killed")
+    memory_volumes = {volume["name"]: volume["emptyDir"] for volume in pod.get("volumes", [])
+                      if (volume.get("emptyDir") or {}).get("medium") == "Memory"}
+    for container in pod_containers(deployment):
+        context = {**pod.get("securityContext", {}), **container.get("securityContext", {})}
+        where = f"Deployment container {container.get('name')!r}"
+        if context.get("runAsNonRoot") is not True or not context.get("runAsUser"):
+            problems.append(f"{where}: must set runAsNonRoot: true and a non-zero runAsUser")
+        if context.get("seccompProfile", {}).get("type") not in SECCOMP_PROFILES:
+            problems.append(f"{where}: seccompProfile.type must be one of {sorted(SECCOMP_PROFILES)}")
+        tmp = [mount["name"] for mount in container.get("volumeMounts", []) if mount.get("mountPath") == "/tmp"]
+        if context.get("readOnlyRootFilesystem") and not (tmp and memory_volumes.get(tmp[0], {}).get("sizeLimit")):
+            problems.append(f"{where}: a read-only root needs /tmp from an emptyDir with medium: Memory and a "
+                            f"sizeLimit")
+    return problems
+
+
 def check_kubernetes_wiring(documents: list[tuple[Path, dict]]) -> list[str]:
     """The Service, HPA and PDB point at the Deployment and its pods."""
     by_kind = {document.get("kind"): (path, document) for path, document in documents}
@@ -173,6 +204,8 @@ def check(root: Path) -> list[str]:
                 problems.extend(check_container(where, container, port, adapter, REQUIRED_PROBES[folder]))
         if folder == "kubernetes":
             problems.extend(check_kubernetes_wiring(documents))
+            problems.extend(problem for _, document in documents if document.get("kind") == "Deployment"
+                            for problem in check_pod_hardening(document, ROOT / "gunicorn.conf.py"))
     return problems
 
 

