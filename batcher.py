@@ -7,9 +7,11 @@ job exactly its own vectors back, in order. Other model work (an image request)
 runs on the same thread as a job of its own, so the model has one user, and one
 queue bound and one deadline cover all its work.
 
-A lone request never waits for company: the thread waits up to `max_wait`
-for more jobs only while traffic is concurrent (the previous batch held more
-than one job). With `max_wait` 0 batching is off: one job per batch.
+Batching is continuous, as in text-embeddings-inference: the model thread never
+waits for company. Whenever it is free it takes what is waiting, up to the token
+budget; while it runs a batch, the queue fills by itself, so under load batches
+grow with the load and a lone request is taken at once. With batching off, each
+job is a batch of its own (for comparison).
 
 The queue is bounded by the work it holds, in tokens, and a refusal says how
 long that work will take at the throughput measured. Every request waits at
@@ -75,7 +77,7 @@ class ModelUnavailableError(ApiError):
 @dataclass(frozen=True)
 class BatchLimits:
     max_tokens: int  # tokens gathered into one batch, and in one model call (a lone window may exceed it)
-    max_wait: float  # seconds to wait for company under concurrent traffic; 0 turns batching off
+    batching: bool  # False: one job per batch
     queue_max_tokens: int  # tokens of work waiting at most (a lone job may exceed it)
     request_timeout: float  # seconds a request waits for its result at most
 
@@ -137,7 +139,6 @@ class Batcher:
         self._queued = Budget(limits.queue_max_tokens)
         self._throughput = Throughput()
         self._condition = threading.Condition()
-        self._last_batch_jobs = 0
         self._still_queued = 0
         self._stopping = False
         self._failure: str | None = None
@@ -255,36 +256,22 @@ class Batcher:
                 job.done.set()
 
     def _take_jobs(self) -> list[Job]:
+        """What waits when the model thread is free (once anything does), up to the batch's budget: [] to stop."""
         with self._condition:
-            while True:
-                while not self._queue and not self._stopping:
-                    self._condition.wait()
-                if not self._queue:
-                    return []
-                if self._queue[0].task is None and self.limits.max_wait > 0 and self._last_batch_jobs > 1:
-                    self._wait_for_company()
-                if self._queue:  # jobs whose requests stopped waiting may have left meanwhile
-                    break
+            while not self._queue and not self._stopping:
+                self._condition.wait()
+            if not self._queue:
+                return []
             jobs = self._gather()
             self._queued.give_back(sum(job.tokens for job in jobs))
-            self._last_batch_jobs = len(jobs)
             self._still_queued = len(self._queue)
             self._running = jobs
             return jobs
 
-    def _wait_for_company(self) -> None:
-        """Wait up to max_wait for the queue to hold a batch's worth of tokens."""
-        deadline = time.monotonic() + self.limits.max_wait
-        while self._queued.taken < self.limits.max_tokens and not self._stopping:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            self._condition.wait(remaining)
-
     def _gather(self) -> list[Job]:
         """The first job and, with batching on, the window jobs after it that fit in the token budget."""
         jobs = [self._queue.popleft()]
-        if jobs[0].task is not None or self.limits.max_wait <= 0:
+        if jobs[0].task is not None or not self.limits.batching:
             return jobs
         tokens = jobs[0].tokens
         while (self._queue and self._queue[0].task is None

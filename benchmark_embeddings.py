@@ -48,7 +48,7 @@ FIDELITY_QUERIES = 1000
 # defaults (two workers of one thread on 2 cores); "openvino" the default build.
 COMPARISONS = {
     "engines": {"torch": {"ENGINE": "torch"}, "openvino": {}},
-    "batching": {"batching on": {}, "batching off": {"BATCH_WAIT_MS": "0"}},
+    "batching": {"batching on": {}, "batching off": {"BATCHING": "off"}},
 }
 PAUSE_BETWEEN_TURNS = 0.02
 WORDS = ("river mountain city history science music garden ocean language market engine forest "
@@ -288,13 +288,14 @@ class ServerRun:
                 self.process.kill()
 
 
-def start_server(env_changes: dict[str, str], timeout: float = 120) -> ServerRun:
+def start_server(env_changes: dict[str, str], timeout: float = 120, tree: Path = HERE) -> ServerRun:
+    """gunicorn serving the checkout in `tree` (this one, or another release to compare with) on loopback."""
     port = free_port()
     env = {**os.environ, "PORT": str(port), "VECTOR_EMBEDDER_API_KEY": API_KEY, **env_changes}
     command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{port}",
                "main:create_app()"]
     started = time.monotonic()
-    process = subprocess.Popen(command, cwd=HERE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     server = ServerRun(f"http://127.0.0.1:{port}", process, None)
     threading.Thread(target=server.watch_memory, daemon=True).start()
     while time.monotonic() - started < timeout:
@@ -345,6 +346,31 @@ class Scenario:
     clients: int
 
 
+def batch_totals(url: str) -> dict[str, float]:
+    """The service's own count of model batches and of the requests and windows they served (GET /metrics)."""
+    status, body = request(url, "GET", "/metrics", None)
+    wanted = ("embedder_batch_requests_count", "embedder_batch_requests_sum", "embedder_batch_windows_sum")
+    totals = dict.fromkeys(wanted, 0.0)
+    for line in body.decode().splitlines() if status == 200 else []:
+        name, _, value = line.partition(" ")
+        if name in totals:
+            totals[name] = float(value)
+    return totals
+
+
+def per_batch(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
+    """Mean requests and windows per model batch between two batch_totals (a batch of short queries is one
+    forward pass)."""
+    batches = after["embedder_batch_requests_count"] - before["embedder_batch_requests_count"]
+    if batches <= 0:
+        return {"batches": 0, "requests_per_batch": None, "windows_per_batch": None}
+    return {"batches": int(batches),
+            "requests_per_batch": (after["embedder_batch_requests_sum"] - before["embedder_batch_requests_sum"])
+            / batches,
+            "windows_per_batch": (after["embedder_batch_windows_sum"] - before["embedder_batch_windows_sum"])
+            / batches}
+
+
 def run_load(url: str, scenario: Scenario, duration: float, max_requests: int) -> dict:
     """`clients` threads send requests back to back until the time or the count runs out."""
     latencies: list[float] = []
@@ -374,11 +400,13 @@ def run_load(url: str, scenario: Scenario, duration: float, max_requests: int) -
                 (latencies if status == 200 else errors).append(elapsed if status == 200 else status)
         connection.close()
 
+    totals = batch_totals(url)
     started = time.monotonic()
     with ThreadPoolExecutor(scenario.clients) as pool:
         list(pool.map(client, range(scenario.clients)))
     wall = time.monotonic() - started
-    return {"scenario": scenario.name, "clients": scenario.clients, "requests": len(latencies),
+    return {**per_batch(totals, batch_totals(url)), "scenario": scenario.name, "clients": scenario.clients,
+            "requests": len(latencies),
             "errors": len(errors), "requests_per_s": len(latencies) / wall,
             "tokens_per_s": len(latencies) * scenario.tokens_per_request / wall,
             "p50_ms": 1000 * percentile(latencies, 50), "p95_ms": 1000 * percentile(latencies, 95),
@@ -417,14 +445,25 @@ def lone_query(servers: dict[str, ServerRun], rounds: int) -> dict:
 
 
 def http_runs(embedder, url: str | None, compare: str, duration: float, max_requests: int, extra_env: dict,
-              rounds: int) -> dict:
+              rounds: int, before: Path | None = None) -> dict:
     """Every scenario against each server in turn, `rounds` times, so the servers compared meet the same
-    conditions; each figure is the median of its rounds (the machine's drift moves single runs by 25%)."""
-    modes = {"external": None} if url else COMPARISONS[compare]
+    conditions; each figure is the median of its rounds (the machine's drift moves single runs by 25%).
+
+    With `before` (another checkout, of an earlier release), its server is compared with this one's, each
+    with its own defaults and its own export of the model."""
+    trees = {mode: HERE for mode in COMPARISONS[compare]}
+    modes = COMPARISONS[compare]
+    if before is not None:
+        trees, modes = {"before": before, "now": HERE}, {"before": {"MODELS_DIR": str(before / "models")}, "now": {}}
+        subprocess.run([sys.executable, "download_models.py", "--no-download"], cwd=before, check=True,
+                       env={**os.environ, **extra_env, **modes["before"]}, stdout=subprocess.DEVNULL)
+    if url:
+        modes = {"external": None}
     servers: dict[str, ServerRun] = {}
     try:
         for mode, env in modes.items():
-            servers[mode] = ServerRun(url, None, None) if url else start_server({**extra_env, **env})
+            servers[mode] = (ServerRun(url, None, None) if url else
+                             start_server({**extra_env, **env}, tree=trees[mode]))
         lone = lone_query(servers, LONE_QUERY_ROUNDS)
         rows: dict[str, list[dict]] = {mode: [] for mode in servers}
         for scenario in scenarios(embedder):
@@ -452,6 +491,9 @@ def median_row(runs: list[dict]) -> dict:
     row["requests"], row["errors"], row["rounds"] = (sum(run["requests"] for run in runs),
                                                      sum(run["errors"] for run in runs), len(runs))
     row["requests_per_s_rounds"] = [round(run["requests_per_s"], 1) for run in runs]
+    for key in ("requests_per_batch", "windows_per_batch"):
+        values = [run[key] for run in runs if run.get(key) is not None]
+        row[key] = float(np.median(values)) if values else None
     return row
 
 
@@ -471,6 +513,11 @@ def targets(report: dict) -> list[dict]:
         passed = measured >= target if higher_is_better else measured <= target
         checks.append({"target": name, "measured": round(measured, 6), "bound": target, "met": bool(passed)})
 
+    modes = report["http"]["modes"]
+    if set(modes) == {"before", "now"}:
+        checks_before_and_now(modes, check)
+    if "in_process" not in report:
+        return checks
     local, flags = report["in_process"], report["machine"]["flags"]
     torch_rows, engine_rows = local["torch, 1 thread"]["rows"], local["openvino, 1 thread"]["rows"]
     for torch_row, engine_row in zip(torch_rows, engine_rows):
@@ -483,7 +530,6 @@ def targets(report: dict) -> list[dict]:
     check("probe set: min cosine against torch fp32", fidelity["probe_min_cosine"], 0.9999)
     check(f"{fidelity['corpus']} generated texts: nearest neighbour equals torch's (share of "
           f"{fidelity['queries']} queries)", fidelity["nearest_neighbour_agreement"], 0.995)
-    modes = report["http"]["modes"]
     if set(modes) != {"torch", "openvino"}:
         return checks
     torch_http, engine_http = modes["torch"], modes["openvino"]
@@ -504,14 +550,21 @@ def targets(report: dict) -> list[dict]:
     return checks
 
 
+def checks_before_and_now(modes: dict, check) -> None:
+    """Continuous batching (issue 16) against the release before it: short queries at 1, 4 and 16 clients."""
+    def ratio(clients: int) -> float:
+        return (find(modes["now"]["rows"], "short query", clients)["requests_per_s"]
+                / find(modes["before"]["rows"], "short query", clients)["requests_per_s"])
+
+    check("HTTP 4 short-query clients: now / before req/s", ratio(4), 1.5)
+    check("HTTP 16 short-query clients: now / before req/s", ratio(16), 1.05)
+    # "Not slower": within the run-to-run noise of one client's figure (about 5% here).
+    check("HTTP 1 short-query client: now / before req/s", ratio(1), 0.95)
+
+
 # --- output --------------------------------------------------------------------
 
-def print_report(report: dict) -> None:
-    info = report["machine"]
-    print(f"Machine: {info['cpu']}, {info['cpus']} CPUs; flags: {flags_text(info['flags'])}")
-    print(f"Versions: python {info['python']}, openvino {info['openvino']}, torch {info['torch']}, "
-          f"transformers {info['transformers']}, sentence-transformers {info['sentence-transformers']}; "
-          f"model {report['model']}")
+def print_in_process(report: dict) -> None:
     print("\nIn-process, one text per call (median of the runs, then of the rounds)")
     print(f"{'engine':<22} {'precision':>9} {'tokens':>7} {'windows':>7} {'tokens/s':>9} {'median ms':>9} {'p95 ms':>7}"
           f"  tokens/s of each round")
@@ -527,6 +580,16 @@ def print_report(report: dict) -> None:
           f"of {fidelity['queries']} queries equal to torch's: "
           + ", ".join(f"{100 * share:.1f}% at {precision}"
                       for precision, share in fidelity["agreement_by_precision"].items()))
+
+
+def print_report(report: dict) -> None:
+    info = report["machine"]
+    print(f"Machine: {info['cpu']}, {info['cpus']} CPUs; flags: {flags_text(info['flags'])}")
+    print(f"Versions: python {info['python']}, openvino {info['openvino']}, torch {info['torch']}, "
+          f"transformers {info['transformers']}, sentence-transformers {info['sentence-transformers']}; "
+          f"model {report['model']}")
+    if "in_process" in report:
+        print_in_process(report)
     lone = report["http"]["lone_query_p50_ms"]
     print("\nOne short query alone over HTTP, p50 over " + str(LONE_QUERY_ROUNDS) + " rounds taking turns: "
           + ", ".join(f"{mode} {ms:.1f} ms" for mode, ms in lone.items()))
@@ -538,15 +601,20 @@ def print_report(report: dict) -> None:
         print(f"\nHTTP, {mode}: {serving.get('engine', '?')} {serving.get('precision', '?')} "
               f"(ready in {ready} from process start; peak memory of all serving processes {memory})")
         print(f"{'scenario':<18} {'clients':>7} {'req/s':>7} {'tokens/s':>9} {'p50 ms':>7} {'p95 ms':>7} "
-              f"{'p99 ms':>7} {'errors':>6}  req/s of each round")
+              f"{'p99 ms':>7} {'errors':>6} {'req/batch':>9} {'win/batch':>9}  req/s of each round")
         for row in result["rows"]:
             print(f"{row['scenario']:<18} {row['clients']:>7} {row['requests_per_s']:>7.1f} "
                   f"{row['tokens_per_s']:>9.0f} {row['p50_ms']:>7.1f} {row['p95_ms']:>7.1f} {row['p99_ms']:>7.1f} "
-                  f"{row['errors']:>6}  {row.get('requests_per_s_rounds', '')}")
+                  f"{row['errors']:>6} {number(row.get('requests_per_batch')):>9} "
+                  f"{number(row.get('windows_per_batch')):>9}  {row.get('requests_per_s_rounds', '')}")
     print(f"\nTargets (ratios from this run; CPU flags: {flags_text(info['flags'])})")
     for check in report["targets"]:
         verdict = {True: "MET ", False: "MISS", None: "n/a "}[check["met"]]
         print(f"  {verdict} {check['target']}: {check['measured']} (bound {check['bound']})")
+
+
+def number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def plot(report: dict, path: str) -> None:
@@ -586,6 +654,10 @@ def main() -> int:
     parser.add_argument("--plot", metavar="PNG", help="draw throughput and latency against concurrency")
     parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
                         help="extra environment for the servers this script starts (repeatable)")
+    parser.add_argument("--before", metavar="DIR", type=Path,
+                        help="compare over HTTP with the service in another checkout, of an earlier release "
+                             "(git worktree add DIR <commit>), each with its own defaults")
+    parser.add_argument("--http-only", action="store_true", help="skip the in-process and fidelity measurements")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -600,12 +672,13 @@ def main() -> int:
 
     report = {"model": settings.embedding_model, "machine": machine_info(),
               "settings": {key: value for key, value in asdict(settings).items() if key != "api_keys"}}
-    report["in_process"] = in_process(settings, args.runs, args.rounds)
-    report["fidelity"] = fidelity(settings)
+    if not args.http_only:
+        report["in_process"] = in_process(settings, args.runs, args.rounds)
+        report["fidelity"] = fidelity(settings)
     from model_loading import load_exported_models
     embedder = load_exported_models(settings).text
     report["http"] = http_runs(embedder, args.url, args.compare, args.duration, args.max_requests, extra_env,
-                               args.rounds)
+                               args.rounds, args.before)
     report["targets"] = targets(report)
     print_report(report)
     if args.json:

@@ -85,12 +85,12 @@ class Settings:
     workers: int = field(default_factory=lambda: default_workers(available_cpus()))
     threads: int = 64
     engine_threads: int = field(default_factory=lambda: default_engine_threads(available_cpus()))
-    # Dynamic batching: tokens gathered per batch (and padded tokens per forward pass),
-    # milliseconds to wait for company under concurrent traffic (0 turns batching off).
-    # 2048 padded tokens (8 full windows of MiniLM) ran as fast per token on OpenVINO as 4096
-    # and held about 30 MB less of the engine's activation buffers (measured).
+    # Continuous batching: whenever the model thread is free it takes the requests waiting, up to this
+    # many tokens (and padded tokens per forward pass). 2048 padded tokens (8 full windows of MiniLM) ran as
+    # fast per token on OpenVINO as 4096 and held about 30 MB less of the engine's activation buffers
+    # (measured). BATCHING=off runs one request per batch, for comparison.
     batch_max_tokens: int = 2048
-    batch_wait_ms: int = 5
+    batching: bool = True
     # Tokens of work waiting for the model before new requests get 429 (an image counts as
     # service.IMAGE_WORK_TOKENS). Twice MAX_TOKENS_PER_REQUEST, so a largest request is refused only
     # when about a largest request's work already waits, not for one short query's sake. A full queue
@@ -172,6 +172,15 @@ def _flag(environ: Mapping[str, str], name: str) -> bool:
     raise SettingsError(f"{name} must be true or false, got {raw!r}")
 
 
+def _on_or_off(environ: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw not in ("on", "off"):
+        raise SettingsError(f"{name} must be on or off, got {raw!r}")
+    return raw == "on"
+
+
 def _choice(environ: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
     raw = environ.get(name, "").strip().lower() or default
     if raw not in choices:
@@ -240,6 +249,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     if environ.get("QUEUE_MAX", "").strip():
         logger.warning("QUEUE_MAX is no longer read: the model's queue is bounded by the work it holds, "
                        "QUEUE_MAX_TOKENS (see the README)")
+    if environ.get("BATCH_WAIT_MS", "").strip():
+        logger.warning("BATCH_WAIT_MS is no longer read: the model thread never waits for company, it takes what "
+                       "is waiting whenever it is free; BATCHING=off turns batching off (see the README)")
     return Settings(
         api_keys=_api_keys(environ),
         port=port,
@@ -266,7 +278,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         threads=_positive_int(environ, "THREADS", defaults.threads),
         engine_threads=_engine_threads(environ, cpus, workers, engine),
         batch_max_tokens=_positive_int(environ, "BATCH_MAX_TOKENS", defaults.batch_max_tokens),
-        batch_wait_ms=_whole_number(environ, "BATCH_WAIT_MS", defaults.batch_wait_ms, minimum=0),
+        batching=_on_or_off(environ, "BATCHING", defaults.batching),
         queue_max_tokens=token_limits.queue_max_tokens,
         request_timeout_seconds=_positive_number(environ, "REQUEST_TIMEOUT_SECONDS", defaults.request_timeout_seconds),
         metrics_public=_flag(environ, "METRICS_PUBLIC"),

@@ -161,7 +161,7 @@ class EmbeddingService:
         self._models = models
         self._batcher = Batcher(models.text.encode_windows, models.text.tokens_per_window, BatchLimits(
             max_tokens=self.settings.batch_max_tokens,
-            max_wait=self.settings.batch_wait_ms / 1000,
+            batching=self.settings.batching,
             queue_max_tokens=self.settings.queue_max_tokens,
             request_timeout=self.settings.request_timeout_seconds,
         ), on_batch=self._hooks.on_batch)
