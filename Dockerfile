@@ -87,9 +87,10 @@ COPY --from=serve-venv /opt/venv /opt/venv
 COPY --from=models /serve-models /models
 WORKDIR /app
 # The runtime modules only: no tests, benchmark, soak, exporter or test helpers.
-COPY gunicorn.conf.py main.py http_common.py openai_api.py api_docs.py openapi_document.py observability.py \
-     service.py batcher.py budget.py errors.py config.py worker_registry.py model_locator.py model_loading.py \
-     manifest.py self_check.py text_tokenizer.py embeddings.py image_embeddings.py openvino_engine.py torch_engine.py ./
+COPY gunicorn.conf.py main.py http_common.py openai_api.py tei_api.py api_docs.py openapi_document.py \
+     observability.py service.py batcher.py budget.py errors.py config.py worker_registry.py model_locator.py \
+     model_loading.py manifest.py self_check.py text_tokenizer.py embeddings.py image_embeddings.py \
+     openvino_engine.py torch_engine.py ./
 # What the image carries, printed at the end of the build.
 RUN du -sh /opt/venv /models /app && find /models -mindepth 1 -maxdepth 1 -printf 'baked model: %f\n'
 # Any numeric user works: nothing in the image needs a home or a writable file.

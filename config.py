@@ -9,6 +9,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Mapping, TypeVar
 
 logger = logging.getLogger(__name__)
@@ -23,6 +24,8 @@ ENGINES = ("auto", "torch")
 ENGINE_PRECISIONS = ("auto", "f32")
 
 
+# Where `make run` bakes and exports models in a checkout (the Makefile's MODELS_DIR).
+LOCAL_MODELS_DIR = "models"
 # A window holds a model's special tokens and some text: fewer tokens than this make no sense.
 MIN_WINDOW_TOKENS = 16
 
@@ -163,6 +166,16 @@ def available_cpus() -> int:
     return cpus
 
 
+def default_models_dir(image_models_dir: str) -> str:
+    """The image's folder of baked models; in a checkout without it, ./models, where `make run` puts them."""
+    if Path(image_models_dir).is_dir():
+        return image_models_dir
+    local = Path.cwd() / LOCAL_MODELS_DIR
+    logger.info("MODELS_DIR is unset and %s does not exist: looking for models in %s, where `make run` puts them",
+                image_models_dir, local)
+    return str(local)
+
+
 def _flag(environ: Mapping[str, str], name: str) -> bool:
     raw = environ.get(name, "").strip().lower()
     if raw in ("", "0", "false", "no", "off"):
@@ -270,7 +283,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         max_request_bytes_in_flight=bytes_in_flight,
         embedding_model=environ.get("EMBEDDING_MODEL", "").strip() or defaults.embedding_model,
         tokenizer_model=environ.get("TOKENIZER_MODEL", "").strip() or None,
-        models_dir=environ.get("MODELS_DIR", "").strip() or defaults.models_dir,
+        models_dir=environ.get("MODELS_DIR", "").strip() or default_models_dir(defaults.models_dir),
         allow_model_download=_flag(environ, "ALLOW_MODEL_DOWNLOAD"),
         engine=engine,
         engine_precision=_choice(environ, "ENGINE_PRECISION", ENGINE_PRECISIONS, defaults.engine_precision),

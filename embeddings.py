@@ -26,6 +26,10 @@ class TextEncoder(Protocol):
     def encode_text(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray: ...
 
 
+# Truncation keeps a text's first window's worth of tokens (right: the end is cut) or its last (left).
+TRUNCATE_RIGHT, TRUNCATE_LEFT = "right", "left"
+
+
 class UnknownPromptError(ApiError):
     """A request named a prompt the model does not have."""
 
@@ -62,6 +66,7 @@ class TextModelShape:
     max_seq_length: int  # tokens in one window, special tokens included
     normalizes: bool  # the model ends with a Normalize module
     prompts: Prompts = Prompts()
+    pooling: str = "mean"  # how the model pools token vectors (its Pooling module's mode, or its architecture's)
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,7 @@ class TextEmbedder:
         self.dimension = shape.dimension
         self.normalizes = shape.normalizes
         self.prompts = shape.prompts
+        self.pooling = shape.pooling
         self.prefix_ids, self.suffix_ids = tokenizer.prefix_ids, tokenizer.suffix_ids
         self.window_size = self.max_seq_length - len(self.prefix_ids) - len(self.suffix_ids)
 
@@ -113,22 +119,32 @@ class TextEmbedder:
         shape = replace(self.shape, max_seq_length=max_window_tokens)
         return TextEmbedder(self.tokenizer, self.encoder, shape, self.max_batch_size, self.max_batch_tokens)
 
-    def tokenize(self, texts: Sequence[str], prompt_name: str | None = None) -> list[TokenizedText]:
+    def tokenize(self, texts: Sequence[str], prompt_name: str | None = None,
+                 truncation: str | None = None) -> list[TokenizedText]:
         """Tokenize every text once, after its prompt, and split its ids into model-sized windows.
 
-        UnknownPromptError when the model has no prompt of that name.
+        With `truncation` a text longer than one window is cut to one instead: "right" keeps its first tokens,
+        "left" its last (the prompt stays either way). UnknownPromptError when the model has no such prompt.
         """
         prompt = self.prompts.text_of(prompt_name)
         if not prompt:
-            return [TokenizedText(split_into_windows(ids, self.window_size)) for ids in self.tokenizer.token_ids(texts)]
-        return [self._prompted(prompt_ids, ids) for prompt_ids, ids in self.tokenizer.prompted_token_ids(prompt, texts)]
+            return [self._windows([], ids, truncation) for ids in self.tokenizer.token_ids(texts)]
+        return [self._windows(prompt_ids, ids, truncation)
+                for prompt_ids, ids in self.tokenizer.prompted_token_ids(prompt, texts)]
 
-    def _prompted(self, prompt_ids: list[int], ids: list[int]) -> TokenizedText:
+    def tokenized_from_ids(self, token_id_lists: Sequence[Sequence[int]],
+                           truncation: str | None = None) -> list[TokenizedText]:
+        """Texts given as the model's own token ids, split into windows (or truncated) like tokenized text."""
+        return [self._windows([], list(ids), truncation) for ids in token_id_lists]
+
+    def _windows(self, prompt_ids: list[int], ids: list[int], truncation: str | None) -> TokenizedText:
         room = self.window_size - len(prompt_ids)
         if room <= 0:
             raise ApiError(400, f"The prompt has {len(prompt_ids)} tokens, which leave no room for text in the "
                                 f"model's window of {self.window_size}: name another prompt_name",
                            param="prompt_name")
+        if truncation is not None and len(ids) > room:
+            ids = ids[:room] if truncation == TRUNCATE_RIGHT else ids[-room:]
         return TokenizedText([prompt_ids + window for window in split_into_windows(ids, room)], len(prompt_ids))
 
     @property

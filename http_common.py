@@ -64,8 +64,17 @@ def require_api_key() -> None:
 
 # --- the body ---------------------------------------------------------------
 
-def read_json_object() -> dict[str, Any]:
-    """The request body as a JSON object, or a 400 that says what is wrong with it."""
+def read_json_object(not_an_object_status: int = 400) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 that says what is wrong with it (a body that is JSON but no
+    object gets `not_an_object_status`)."""
+    parsed = read_json()
+    if not isinstance(parsed, dict):
+        raise ApiError(not_an_object_status, f"Request body must be a JSON object, got {json_type(parsed)}")
+    return parsed
+
+
+def read_json() -> Any:
+    """The request body parsed as JSON, or a 400 that says why it cannot be."""
     body = request.get_data(cache=False)
     if not body:
         raise ApiError(400, "Request body is empty: send a JSON object")
@@ -78,8 +87,6 @@ def read_json_object() -> dict[str, Any]:
         raise ApiError(400, f"Request body is not valid JSON: {error}") from None
     except RecursionError:
         raise ApiError(400, "Request body is nested too deeply to be read as JSON") from None
-    if not isinstance(parsed, dict):
-        raise ApiError(400, f"Request body must be a JSON object, got {json_type(parsed)}")
     return parsed
 
 
@@ -156,21 +163,22 @@ def places(where: str, count: int) -> list[str]:
 
 # --- images -----------------------------------------------------------------
 
-def require_image_support(image_at: str | None = None) -> None:
-    """A 400 when the served model embeds text only; `image_at` names the image's place in the request."""
+def require_image_support(image_at: str | None = None, status: int = 400) -> None:
+    """An error with `status` when the served model embeds text only; `image_at` names the image's place in the
+    request. The service's own image routes answer 501 (Not Implemented), as upstream documents; /v1 400."""
     if not embedding_service().supports_images():
-        raise text_only_model_error(image_at)
+        raise text_only_model_error(image_at, status)
 
 
 MULTIMODAL_MODELS = "clip-ViT-B-32, clip-ViT-B-16, clip-ViT-L-14 or a local CLIP folder"
 
 
-def text_only_model_error(image_at: str | None = None) -> ApiError:
+def text_only_model_error(image_at: str | None = None, status: int = 400) -> ApiError:
     subject = f"{image_at} is an image, but the model" if image_at else "The model"
     model = served_model_id(settings().embedding_model)
-    return ApiError(400, f"{subject} {model!r} embeds text only, so it cannot embed images: set EMBEDDING_MODEL "
-                         f"to a multimodal CLIP model ({MULTIMODAL_MODELS}) to embed images and texts in one "
-                         f"vector space")
+    return ApiError(status, f"{subject} {model!r} embeds text only, so it cannot embed images: set EMBEDDING_MODEL "
+                            f"to a multimodal CLIP model ({MULTIMODAL_MODELS}) to embed images and texts in one "
+                            f"vector space")
 
 
 def check_image_count(count: int, where: str) -> None:
@@ -217,18 +225,21 @@ def naming_items(item_places: Sequence[str]) -> Iterator[None]:
         raise error.at(item_places[error.index or 0]) from None
 
 
-def embed_texts(texts: Sequence[str], text_places: Sequence[str], prompt_name: str | None = None) -> EmbeddingResult:
-    """The texts' vectors, each text read after the prompt; their tokens counted for the request log and metrics."""
+def embed_texts(texts: Sequence[str], text_places: Sequence[str], prompt_name: str | None = None,
+                truncation: str | None = None) -> EmbeddingResult:
+    """The texts' vectors, each text read after the prompt (and cut to one window with a truncation); their
+    tokens counted for the request log and metrics."""
     with naming_items(text_places):
-        result = embedding_service().embed_texts(texts, prompt_name)
+        result = embedding_service().embed_texts(texts, prompt_name, truncation)
     count_work(tokens=result.token_count)
     return result
 
 
-def embed_token_ids(token_id_lists: Sequence[list[int]], text_places: Sequence[str]) -> EmbeddingResult:
+def embed_token_ids(token_id_lists: Sequence[list[int]], text_places: Sequence[str],
+                    truncation: str | None = None) -> EmbeddingResult:
     """The vectors of texts given as the model's token ids, counted like texts."""
     with naming_items(text_places):
-        result = embedding_service().embed_token_ids(token_id_lists)
+        result = embedding_service().embed_token_ids(token_id_lists, truncation)
     count_work(tokens=result.token_count)
     return result
 

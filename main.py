@@ -28,6 +28,7 @@ from http_common import (embed_images, embed_texts, embedding_service, error_ans
 from model_locator import served_model_id, without_local_paths
 from observability import Metrics
 from openai_api import OPENAI_PREFIX, openai_api, openai_envelope
+from tei_api import tei_api
 from service import EmbeddingService, LoadReport, ServiceHooks
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ BODIES_IN_FLIGHT_RETRY_AFTER = 1
 # away queries (a 100-text batch of full MiniLM windows is about 130 KB), and THREADS bounds them
 # (64 x 256 KiB, about 50 MB while being parsed).
 SMALL_BODY_BYTES = 256 * 1024
+# The image routes on a model that embeds text only: Not Implemented, as the upstream README documents.
+TEXT_ONLY_MODEL_STATUS = 501
 
 api.before_request(require_api_key)
 
@@ -134,7 +137,7 @@ def embed_text_batch():
 
 @api.post("/embeddings/image")
 def embed_image():
-    require_image_support()
+    require_image_support(status=TEXT_ONLY_MODEL_STATUS)
     if is_multipart():
         image = read_uploaded_image("image")
     else:
@@ -145,7 +148,7 @@ def embed_image():
 
 @api.post("/embeddings/image/batch")
 def embed_image_batch():
-    require_image_support()
+    require_image_support(status=TEXT_ONLY_MODEL_STATUS)
     if is_multipart():
         raise ApiError(400, "The batch route takes JSON {\"images\": [\"<base64>\", ...]}; upload single files "
                             "with multipart to /embeddings/image")
@@ -214,6 +217,7 @@ def create_app(app_settings: Settings | None = None, make_service: ServiceFactor
     app.register_blueprint(health)
     app.register_blueprint(api)
     app.register_blueprint(openai_api, url_prefix=OPENAI_PREFIX)
+    app.register_blueprint(tei_api)
     app.register_blueprint(docs)
     app.register_error_handler(Exception, answer_error)
     return app

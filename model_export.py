@@ -97,7 +97,7 @@ def export_model(settings: Settings, source: Path, target: Path) -> Manifest:
         weights_precision="f32",
         dimension=reference.text.dimension,
         max_seq_length=reference.text.max_seq_length,
-        pooling=pooling_of(model),
+        pooling=reference.text.pooling,
         normalize=reference.text.normalizes,
         modules=[type(module).__name__ for module in model],
         tokenizer={"file": TOKENIZER_FILE, "pad_id": reference.text.tokenizer.pad_id,
@@ -190,12 +190,3 @@ def _probe_images(model: SentenceTransformer, target: Path) -> list[ProbeImage]:
         image.save(target / file)
         probes.append(ProbeImage(name, file, np.asarray(vector, dtype=np.float32).tolist()))
     return probes
-
-
-def pooling_of(model: SentenceTransformer) -> str:
-    """How the model turns token vectors into one: its Pooling module's mode, or what its architecture does."""
-    for module in model:
-        config = module.get_config_dict() if hasattr(module, "get_config_dict") else {}
-        if "pooling_mode" in config:
-            return str(config["pooling_mode"])
-    return "clip_projection" if torch_engine.supports_images(model) else "model_output"

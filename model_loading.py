@@ -118,7 +118,7 @@ def open_export(folder: Path, manifest: Manifest, precision: str, settings: Sett
     engine = OpenVINOEngine(folder / manifest.text_model, image_model, precision, settings.engine_threads)
     tokenizer = TextTokenizer.from_file(folder / manifest.tokenizer["file"], manifest.tokenizer["pad_id"])
     shape = TextModelShape(manifest.dimension, manifest.max_seq_length, manifest.normalize,
-                           Prompts(manifest.prompts, manifest.default_prompt_name))
+                           Prompts(manifest.prompts, manifest.default_prompt_name), manifest.pooling)
     text = TextEmbedder(tokenizer, engine, shape, settings.max_batch_size, settings.batch_max_tokens)
     images = None
     if image_model is not None:

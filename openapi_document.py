@@ -52,6 +52,8 @@ def errors(error_schema: str, *statuses: int) -> dict[str, Any]:
              "decoding memory of an image.",
         429: "The service is behind: the model's queue holds QUEUE_MAX_TOKENS tokens of work, or the worker "
              "handles MAX_REQUEST_BYTES_IN_FLIGHT bytes of bodies; retry after Retry-After seconds.",
+        501: "The served model embeds text only, so the image routes cannot serve (set EMBEDDING_MODEL to a CLIP "
+             "model).",
         503: "The model is still loading or failed to load, did not answer within REQUEST_TIMEOUT_SECONDS, "
              "or its thread has ended (see GET /health).",
     }
@@ -63,6 +65,22 @@ def errors(error_schema: str, *statuses: int) -> dict[str, Any]:
     answers["default"] = response("Any other error (unknown route 404, wrong method 405, internal 500, or 500 "
                                   "non_finite_vectors when the model made a vector that is not a finite number).",
                                   ref(error_schema))
+    return answers
+
+
+def tei_errors(*statuses: int) -> dict[str, Any]:
+    """The error responses of the text-embeddings-inference routes, with the statuses its server gives them."""
+    meanings = {
+        400: "Empty inputs (error_type Empty), or a body that is not JSON.",
+        401: "Missing or invalid API key.",
+        413: "The body is larger than MAX_REQUEST_SIZE bytes.",
+        422: "A field is invalid or over a limit (error_type Validation): the message says which.",
+        429: "The service is behind (error_type Overloaded); retry after Retry-After seconds.",
+        424: "The model failed on the request (error_type Backend).",
+        503: "The model is loading, failed to load or cannot serve (error_type Unhealthy).",
+    }
+    answers = {str(status): response(meanings[status], ref("TEIError")) for status in statuses or sorted(meanings)}
+    answers["default"] = response("Any other error (unknown route 404, wrong method 405).", ref("TEIError"))
     return answers
 
 
@@ -101,6 +119,64 @@ SCHEMAS: dict[str, Any] = {
                     "unknown_prompt", "non_finite_vectors"]},
             },
         }},
+    },
+    "TEIError": {
+        "type": "object", "required": ["error", "error_type"],
+        "properties": {
+            "error": {"type": "string", "description": "What was wrong, in words a person can act on."},
+            "error_type": {"type": "string",
+                           "enum": ["Empty", "Validation", "Tokenizer", "Overloaded", "Backend", "Unhealthy"],
+                           "description": "text-embeddings-inference's error type: Empty 400, Validation 422, "
+                                          "Overloaded 429, Backend 424, Unhealthy 503."},
+        },
+    },
+    "EmbedRequest": {
+        "type": "object", "required": ["inputs"],
+        "properties": {
+            "inputs": {
+                "description": "A text, a list of token ids (one input), or a list of texts and token id lists: "
+                               "at most MAX_TEXTS_PER_BATCH inputs, each at most MAX_TOKENS_PER_TEXT tokens, "
+                               "all at most MAX_TOKENS_PER_REQUEST.",
+                "oneOf": [
+                    {"type": "string", "minLength": 1},
+                    {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}},
+                    {"type": "array", "minItems": 1, "items": {"oneOf": [
+                        {"type": "string", "minLength": 1},
+                        {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}]}},
+                ],
+            },
+            "normalize": {"type": "boolean", "default": True,
+                          "description": "L2-normalise each vector (after dimensions)."},
+            "truncate": {"type": ["boolean", "null"], "default": False,
+                         "description": "true: a text longer than the model's window keeps one window's worth of "
+                                        "tokens. false: it is split into windows and averaged (TEI answers 422)."},
+            "truncation_direction": {"type": "string", "enum": ["Right", "Left", "right", "left"],
+                                     "default": "Right",
+                                     "description": "Right keeps the first tokens, Left the last."},
+            "prompt_name": PROMPT_NAME,
+            "dimensions": {"type": ["integer", "null"], "minimum": 1,
+                           "description": "Keep the first N components (then normalise if normalize)."},
+        },
+    },
+    "EmbedResponse": {"type": "array", "items": VECTOR, "description": "One vector per input, in input order."},
+    "Info": {
+        "type": "object",
+        "required": ["model_id", "model_dtype", "model_type", "max_concurrent_requests", "max_input_length",
+                     "max_batch_tokens", "max_client_batch_size", "auto_truncate", "tokenization_workers",
+                     "version"],
+        "properties": {
+            "model_id": {"type": "string"}, "model_sha": {"type": ["string", "null"]},
+            "model_dtype": {"type": "string", "description": "float32 or bfloat16: what the engine computes in."},
+            "served_model_name": {"type": "string"},
+            "model_type": {"type": "object", "description": "{\"embedding\": {\"pooling\": \"mean\"}}"},
+            "max_concurrent_requests": {"type": "integer"},
+            "max_input_length": {"type": "integer", "description": "Tokens per window."},
+            "max_batch_tokens": {"type": "integer"}, "max_batch_requests": {"type": ["integer", "null"]},
+            "max_client_batch_size": {"type": "integer", "description": "MAX_TEXTS_PER_BATCH."},
+            "auto_truncate": {"type": "boolean"}, "tokenization_workers": {"type": "integer"},
+            "version": {"type": "string"}, "sha": {"type": ["string", "null"]},
+            "docker_label": {"type": ["string", "null"]},
+        },
     },
     "Liveness": {
         "type": "object", "required": ["status"],
@@ -273,7 +349,7 @@ PATHS: dict[str, Any] = {
     "/embeddings/image": {"post": operation(
         "images", "embed_image", "Embed one image (CLIP models only)",
         {"200": response("The image's vector.", ref("Embeddings")),
-         **errors("Error", 400, 401, 413, 429, 503)},
+         **errors("Error", 400, 401, 413, 429, 501, 503)},
         PROTECTED,
         {"required": True, "content": {
             "application/json": {"schema": ref("ImageRequest")},
@@ -284,7 +360,7 @@ PATHS: dict[str, Any] = {
     "/embeddings/image/batch": {"post": operation(
         "images", "embed_image_batch", "Embed several images (CLIP models only)",
         {"200": response("One [vector] per image, in input order.", ref("BatchEmbeddings")),
-         **errors("Error", 400, 401, 413, 429, 503)},
+         **errors("Error", 400, 401, 413, 429, 501, 503)},
         PROTECTED, {"required": True, "content": json_content(ref("ImageBatchRequest"))})},
     "/v1/embeddings": {"post": operation(
         "openai", "create_embeddings", "OpenAI-compatible embeddings",
@@ -296,6 +372,19 @@ PATHS: dict[str, Any] = {
         "openai", "list_models", "The served model, OpenAI-style",
         {"200": response("The one model this service serves.", ref("ModelList")),
          **errors("OpenAIError", 401, 503)}, PROTECTED)},
+    "/embed": {"post": operation(
+        "tei", "tei_embed", "text-embeddings-inference's embed",
+        {"200": response("One vector per input, in input order.", ref("EmbedResponse")), **tei_errors()},
+        PROTECTED, json_body("EmbedRequest", {"inputs": [TEXT_EXAMPLE, "The bank raised interest rates."]}),
+        "Works with huggingface_hub's InferenceClient and the frameworks built for text-embeddings-inference.")},
+    "/": {"post": operation(
+        "tei", "tei_feature_extraction", "text-embeddings-inference's embed, where InferenceClient posts",
+        {"200": response("One vector per input, in input order.", ref("EmbedResponse")), **tei_errors()},
+        PROTECTED, json_body("EmbedRequest", {"inputs": TEXT_EXAMPLE}),
+        "InferenceClient(base_url=<service>).feature_extraction(...) posts here; answered as POST /embed.")},
+    "/info": {"get": operation(
+        "tei", "tei_info", "The served model, as text-embeddings-inference describes it",
+        {"200": response("The model and the limits.", ref("Info")), **tei_errors(503)}, PROTECTED)},
     "/metrics": {"get": operation(
         "health", "metrics", "Prometheus metrics (key needed unless METRICS_PUBLIC=true)",
         {"200": {"description": "Prometheus text exposition format.",
@@ -328,8 +417,9 @@ def openapi_document() -> dict[str, Any]:
         },
         "tags": [
             {"name": "embeddings", "description": "Text embeddings"},
-            {"name": "images", "description": "Image embeddings (CLIP models; 400 with a text-only model)"},
+            {"name": "images", "description": "Image embeddings (CLIP models; 501 with a text-only model)"},
             {"name": "openai", "description": "OpenAI-compatible API"},
+            {"name": "tei", "description": "text-embeddings-inference-compatible API"},
             {"name": "health", "description": "Liveness, readiness and metrics"},
             {"name": "docs", "description": "This documentation"},
         ],

@@ -219,9 +219,11 @@ class EmbeddingService:
 
     # --- texts --------------------------------------------------------------------
 
-    def embed_texts(self, texts: Sequence[str], prompt_name: str | None = None) -> EmbeddingResult:
+    def embed_texts(self, texts: Sequence[str], prompt_name: str | None = None,
+                    truncation: str | None = None) -> EmbeddingResult:
         """One vector per text, in input order, each text read after its prompt (the named one, or the model's
-        default), tokenized once and held to the limits before any window is queued.
+        default), tokenized once and held to the limits before any window is queued. A text longer than a
+        window is split into windows and averaged, or with `truncation` cut to one (embeddings.TextEmbedder).
 
         Raises UnknownPromptError (400) for a prompt the model does not have; ApiError (413) when all texts
         together hold too many characters, before any is tokenized; ItemError (413), with the text's index,
@@ -234,21 +236,23 @@ class EmbeddingService:
         counted = RequestTokens(self.settings, prompt_name or text.prompts.default_name)
         tokenized = []
         for index, one_text in enumerate(texts):
-            [one] = text.tokenize([one_text], prompt_name)
+            [one] = text.tokenize([one_text], prompt_name, truncation)
             counted.add(one.token_count, index, one.prompt_tokens)
             tokenized.append(one)
         return self._encode_and_combine(text, tokenized)
 
-    def embed_token_ids(self, token_id_lists: Sequence[Sequence[int]]) -> EmbeddingResult:
+    def embed_token_ids(self, token_id_lists: Sequence[Sequence[int]],
+                        truncation: str | None = None) -> EmbeddingResult:
         """One vector per list of the model's own token ids, held to the token limits as texts are.
 
         The ids are what the model reads: no prompt is added to them.
         """
         text = self._ready_models().text
+        tokenized = text.tokenized_from_ids(token_id_lists, truncation)
         counted = RequestTokens(self.settings)
-        for index, ids in enumerate(token_id_lists):
-            counted.add(len(ids), index)
-        return self._encode_and_combine(text, text.tokenized_from_ids(token_id_lists))
+        for index, one in enumerate(tokenized):
+            counted.add(one.token_count, index)
+        return self._encode_and_combine(text, tokenized)
 
     def _encode_and_combine(self, text: TextEmbedder, tokenized: list[TokenizedText]) -> EmbeddingResult:
         """Raises QueueFullError when the queue cannot take the windows, RequestTimeoutError past the deadline,
@@ -295,6 +299,18 @@ class EmbeddingService:
     def prompts(self) -> Prompts:
         """The model's prompts by name, and the one applied when a request names none."""
         return self._ready_models().text.prompts
+
+    def precision(self) -> str:
+        """The precision the engine computes in (bf16, f32)."""
+        return self._ready_models().precision
+
+    def normalizes(self) -> bool:
+        """True when the model ends with a Normalize module: its vectors have unit length."""
+        return self._ready_models().text.normalizes
+
+    def pooling(self) -> str:
+        """How the model pools token vectors into one (mean, cls, lasttoken, ...)."""
+        return self._ready_models().text.pooling
 
     def vocabulary_size(self) -> int:
         return self._ready_models().text.vocabulary_size

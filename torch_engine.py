@@ -98,7 +98,16 @@ def text_shape_of(model: SentenceTransformer) -> TextModelShape:
     max_seq_length = min(model.max_seq_length or positions, positions)
     normalizes = any(isinstance(module, Normalize) for module in model)
     prompts = Prompts({name: text or "" for name, text in model.prompts.items()}, model.default_prompt_name)
-    return TextModelShape(model.get_embedding_dimension(), max_seq_length, normalizes, prompts)
+    return TextModelShape(model.get_embedding_dimension(), max_seq_length, normalizes, prompts, pooling_of(model))
+
+
+def pooling_of(model: SentenceTransformer) -> str:
+    """How the model turns token vectors into one: its Pooling module's mode, or what its architecture does."""
+    for module in model:
+        config = module.get_config_dict() if hasattr(module, "get_config_dict") else {}
+        if "pooling_mode" in config:
+            return str(config["pooling_mode"])
+    return "clip_projection" if supports_images(model) else "model_output"
 
 
 def position_limit(model: SentenceTransformer) -> int:
