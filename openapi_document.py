@@ -384,7 +384,7 @@ PATHS: dict[str, Any] = {
         "InferenceClient(base_url=<service>).feature_extraction(...) posts here; answered as POST /embed.")},
     "/info": {"get": operation(
         "tei", "tei_info", "The served model, as text-embeddings-inference describes it",
-        {"200": response("The model and the limits.", ref("Info")), **tei_errors(503)}, PROTECTED)},
+        {"200": response("The model and the limits.", ref("Info")), **tei_errors(401, 503)}, PROTECTED)},
     "/metrics": {"get": operation(
         "health", "metrics", "Prometheus metrics (key needed unless METRICS_PUBLIC=true)",
         {"200": {"description": "Prometheus text exposition format.",

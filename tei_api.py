@@ -179,7 +179,7 @@ def validate_flag(body: dict[str, Any], name: str, default: bool, nullable: bool
 
 
 def validate_direction(value: Any) -> str:
-    if value not in TRUNCATION_DIRECTIONS:
+    if not isinstance(value, str) or value not in TRUNCATION_DIRECTIONS:
         raise ApiError(422, f"truncation_direction must be 'Right' or 'Left', got {value!r}")
     return TRUNCATION_DIRECTIONS[value]
 

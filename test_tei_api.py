@@ -148,6 +148,7 @@ def test_info_describes_the_model_and_the_limits(server, test_settings):
     ({"text": "wrong field"}, 422, "Validation", "Missing field 'inputs'"),
     ({"inputs": "x", "normalize": None}, 422, "Validation", "normalize must be true or false"),
     ({"inputs": "x", "truncation_direction": "LEFT"}, 422, "Validation", "'Right' or 'Left'"),
+    ({"inputs": "x", "truncation_direction": {}}, 422, "Validation", "'Right' or 'Left'"),
     ({"inputs": "x", "dimensions": 0}, 422, "Validation", "`dimensions` should be positive"),
     ({"inputs": "x", "dimensions": 385}, 422, "Validation", "vectors of 384 components"),
     ({"inputs": "x", "prompt_name": "nope"}, 422, "Validation", "its prompts are 'document', 'query'"),
