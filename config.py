@@ -66,7 +66,7 @@ class Settings:
     # Tokens in one model window, special tokens included: a model reads up to its own max_seq_length at once
     # (256 for all-MiniLM-L6-v2, 512 for BERT, 8,192 for ModernBERT), capped here; longer texts are split
     # into windows and averaged.
-    max_window_tokens: int = 8192
+    max_window_tokens: int = 4096
     # Bytes in one request body; Flask rejects larger bodies before reading them.
     max_request_size: int = 32 * 1024 * 1024
     # Bytes of request bodies one worker handles at once (read, decoded, waiting for the model);
