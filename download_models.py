@@ -125,7 +125,15 @@ def _staging_folder(target: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    _readable_by_anyone(staging)
     staging.rename(target)
+
+
+def _readable_by_anyone(folder: Path) -> None:
+    """Every file readable and every folder enterable by any user: transformers 5 saves weights as 0600, which
+    the image's unprivileged user could not read."""
+    for path in folder.rglob("*"):
+        path.chmod(path.stat().st_mode | (0o555 if path.is_dir() else 0o444))
 
 
 def _download_model(settings: Settings, name: str, folder: Path) -> None:
