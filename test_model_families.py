@@ -25,7 +25,7 @@ from conftest import (TEST_API_KEY, LiveServer, bake_and_export, existing, servi
 from main import create_app
 from manifest import PROBE_TEXTS, Manifest
 from model_loading import LoadedModels, load_models
-from model_locator import exported_model_dir
+from model_locator import baked_model_dir, exported_model_dir
 from self_check import cosine_rows
 from tiny_clip import write_tiny_clip
 from tiny_models import FAMILIES, write_bert_cls_normalize, write_modernbert
@@ -268,6 +268,10 @@ def test_a_model_retrained_in_place_is_exported_again_by_make_run(tmp_path, monk
     expected = SentenceTransformer(str(folder), device="cpu").encode(texts)
     assert cosine_rows(after, expected).min() >= F32_MIN_COSINE
     assert cosine_rows(before, expected).max() < 0.99  # the old export's vectors were really different
+    # transformers saves weights readable by their owner only; the image's unprivileged user must read the bake.
+    assert (folder / "model.safetensors").stat().st_mode & 0o004 == 0
+    baked = baked_model_dir(tmp_path / "models", str(folder))
+    assert all(path.stat().st_mode & 0o004 for path in baked.rglob("*") if path.is_file())
 
 
 # --- no vector that is not finite leaves the service ----------------------------------------
