@@ -12,11 +12,10 @@ import pytest
 
 import download_models
 from config import Settings
-from conftest import SAME_ENGINE_MIN_COSINE, TEST_API_KEY, assert_same_vectors, running_service
 from model_locator import baked_model_dir, exported_model_dir, locate_model
+from testkit import MODEL, SAME_ENGINE_MIN_COSINE, TEST_API_KEY, assert_same_vectors, running_service
 from torch_engine import load_transformers_tokenizer
 
-MODEL = "all-MiniLM-L6-v2"
 SCRIPT = Path(__file__).with_name("download_models.py")
 
 
