@@ -422,7 +422,8 @@ def test_a_model_call_that_never_returns_gets_503_at_the_deadline_and_health_say
     now = [0.0]
     with (service_around_model(settings, text_embedder, encoder) as service, serving(settings, service) as live,
           ThreadPoolExecutor(1) as pool):
-        monkeypatch.setattr(service._batcher, "_clock", lambda: now[0])  # time, moved on by the test
+        # Time, moved on by the test: the one fault injected into the service's insides, which take no clock.
+        monkeypatch.setattr(service._batcher, "_clock", lambda: now[0])
         try:
             held = pool.submit(post_text, live, "held in the model")
             assert encoder.entered.wait(PATIENCE)
@@ -517,7 +518,8 @@ def test_a_full_queue_refuses_a_request_before_its_body_is_read(test_settings, t
         try:
             in_model = pool.submit(post_text, live, "first, and held in the model")
             assert encoder.entered.wait(PATIENCE)
-            # Queued by the time submit returns; alone, it is larger than the bound, so the queue is full.
+            # Queued by the time submit returns (a request sent over HTTP gives no such moment); alone, it is
+            # larger than the bound, so the queue is full.
             filler = service._batcher.submit(windows_of(text_embedder, DOCUMENT))
             answer = send_headers_only(live, "/embeddings", content_length=10_000, marker="tokens of work")
             assert answer.startswith("HTTP/1.1 429") and "Retry-After:" in answer, answer

@@ -162,5 +162,5 @@ def test_a_tokenizer_folder_is_baked_and_found_once_the_folder_is_gone(
     tokenizer = load_transformers_tokenizer(settings, reference_model)
     assert tokenizer("hello world")["input_ids"] == [101, 7592, 2088, 102]
     # The export carries that tokenizer, and the service serving it needs no folder.
-    with running_service(replace(settings, api_keys=(TEST_API_KEY,))):
-        pass
+    with running_service(replace(settings, api_keys=(TEST_API_KEY,))) as service:
+        assert service.embed_texts(["hello world"]).token_count == 4  # [CLS] hello world [SEP]
