@@ -2,6 +2,7 @@
 requests are read, validated and refused, against the app on a stand-in service (no model, no socket)."""
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import threading
@@ -15,8 +16,9 @@ from config import Settings
 from main import create_app
 from model_locator import without_local_paths
 from service import EmbeddingService, ServiceHooks
-from testkit import (AUTH, SAME_ENGINE_MIN_COSINE, TEST_API_KEY, StubService, app_without_model, assert_same_vectors,
-                     error_of, expected_precision, post, running_service, start_live_server, wait_for_loading)
+from testkit import (AUTH, SAME_ENGINE_MIN_COSINE, STUB_SETTINGS, TEST_API_KEY, StubService, app_without_model,
+                     assert_same_vectors, error_of, expected_precision, post, running_service, start_live_server,
+                     wait_for_loading)
 
 LONG_TEXT = "Rivers carry water from the mountains to the sea. " * 150
 JSON = {"Content-Type": "application/json"}
@@ -72,6 +74,16 @@ def test_form_encoded_json_is_still_read(server):
 
 
 # --- how requests are read and refused: the app on a stand-in service, no model ---------------------
+
+def test_the_stand_in_service_offers_what_the_real_one_does():
+    """The web layer may ask StubService anything it asks EmbeddingService, in the same words."""
+    for name in [name for name in vars(EmbeddingService) if not name.startswith("_")]:
+        real, stand_in = getattr(EmbeddingService, name), getattr(StubService, name, None)
+        assert callable(stand_in), f"StubService has no {name}()"
+        assert inspect.signature(stand_in).parameters.keys() == inspect.signature(real).parameters.keys(), name
+    real, stand_in = EmbeddingService(STUB_SETTINGS), StubService(STUB_SETTINGS)
+    assert {"settings", "loaded_at"} <= vars(real).keys() & vars(stand_in).keys()
+
 
 @pytest.mark.parametrize("headers", [{}, {"X-API-Key": "wrong"}, {"X-API-Key": ""}, {"X-API-Key": TEST_API_KEY + "x"}])
 def test_missing_or_wrong_key_is_401(headers):
