@@ -10,7 +10,7 @@ and `reference_model` is the sentence-transformers model itself, for reference v
 """
 from __future__ import annotations
 
-import logging
+import json
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -24,8 +24,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from config import Settings  # noqa: E402
 from model_loading import LoadedModels, load_models  # noqa: E402
 from service import EmbeddingService  # noqa: E402
-from testkit import (PATIENCE, TEST_API_KEY, LiveServer, RequestLog, bake_and_export, running_service,  # noqa: E402
-                     servers_on)
+from testkit import (PATIENCE, TEST_API_KEY, LiveServer, LogWatch, bake_and_export, running_service,  # noqa: E402
+                     servers_on, watching_log)
 
 
 @pytest.fixture(scope="session")
@@ -143,13 +143,7 @@ def clip_server_with(tiny_clip_settings, tiny_clip_models):
 
 
 @pytest.fixture
-def request_log() -> Iterator[RequestLog]:
-    """The JSON request log of every app, collected while the test runs."""
-    log = RequestLog()
-    logger = logging.getLogger("embedder.requests")
-    level = logger.level
-    logger.setLevel(logging.INFO)  # the log's own level, which an app sets only if it is the first to log there
-    logger.addHandler(log)
-    yield log
-    logger.removeHandler(log)
-    logger.setLevel(level)
+def request_log() -> Iterator[LogWatch]:
+    """The JSON request log of every app while the test runs: one record (a dict) per request answered."""
+    with watching_log("embedder.requests", read=lambda record: json.loads(record.getMessage())) as log:
+        yield log

@@ -547,7 +547,7 @@ def test_a_client_that_gives_up_does_not_break_the_batch(test_settings, text_emb
         finally:
             encoder.gate.set()
         answers = [answer.result(PATIENCE) for answer in answers]
-        abandoned = request_log.wait_for("gave-up")
+        abandoned = request_log.wait_for(lambda line: line["request_id"] == "gave-up")
     # The server answered the request its client had left, after the client had gone.
     assert (abandoned["route"], abandoned["status"]) == ("/embeddings/batch", 200)
     assert encoder.calls[0] == windows_of(text_embedder, DOCUMENT)

@@ -18,7 +18,7 @@ from model_locator import without_local_paths
 from service import EmbeddingService, ServiceHooks
 from testkit import (AUTH, SAME_ENGINE_MIN_COSINE, STUB_SETTINGS, TEST_API_KEY, StubService, app_without_model,
                      assert_same_vectors, error_of, expected_precision, post, running_service, start_live_server,
-                     wait_for_loading)
+                     wait_for_loading, watching_log)
 
 LONG_TEXT = "Rivers carry water from the mountains to the sea. " * 150
 JSON = {"Content-Type": "application/json"}
@@ -226,15 +226,17 @@ def test_ready_names_a_model_folder_as_v1_models_does(tiny_clip_server, tiny_cli
 
 
 @pytest.mark.parametrize("folder_exists", [True, False], ids=["broken folder", "missing folder"])
-def test_a_model_folder_that_cannot_load_is_reported_without_its_path(tmp_path, caplog, folder_exists):
+def test_a_model_folder_that_cannot_load_is_reported_without_its_path(tmp_path, folder_exists):
     # An empty folder fails in the real loader; a missing one is not found. A space must not cut the path short.
     folder = tmp_path / ("our models" if folder_exists else "gone") / "my-clip"
     if folder_exists:
         folder.mkdir(parents=True)
     settings = Settings(api_keys=(TEST_API_KEY,), embedding_model=str(folder), models_dir=str(tmp_path / "baked"))
-    with caplog.at_level(logging.ERROR, logger="service"):
+    with watching_log("service", level=logging.ERROR) as log:
         live = start_live_server(create_app(settings), wait_ready=False)
         assert not wait_for_loading(live.service)[0]
+        # The operator's log keeps the whole reason, paths included (logged once readiness has the reason).
+        log.wait_for(lambda record: str(folder) in record.getMessage())
     try:
         ready = requests.get(live.url + "/health/ready", timeout=5)
         body = ready.json()
@@ -244,8 +246,6 @@ def test_a_model_folder_that_cannot_load_is_reported_without_its_path(tmp_path, 
         assert response.status_code == 503 and "failed to load" in response.json()["error"]
         for text in (ready.text, response.text):
             assert str(tmp_path) not in text and "our models" not in text and "gone" not in text, text
-        # The operator's log keeps the whole reason, paths included.
-        assert any(str(folder) in record.getMessage() for record in caplog.records)
     finally:
         live.stop()
 
@@ -261,11 +261,13 @@ def test_public_messages_keep_names_and_hide_absolute_paths(message, shown):
     assert without_local_paths(message, "/srv/my models/my-clip") == shown
 
 
-def test_a_failing_on_ready_hook_is_logged_and_the_model_serves(test_settings, loaded_models, caplog):
+def test_a_failing_on_ready_hook_is_logged_and_the_model_serves(test_settings, loaded_models):
     hooks = ServiceHooks(on_ready=lambda report: 1 / 0)  # a metrics backend that fails
-    with caplog.at_level(logging.ERROR, logger="service"), \
-            running_service(test_settings, lambda _: loaded_models, hooks) as service:
-        assert service.readiness()[0] and "The on-ready hook failed" in caplog.text
+    with watching_log("service") as log, running_service(test_settings, lambda _: loaded_models, hooks) as service:
+        # The hook is called once the service is ready, on the loading thread: its failure is logged after.
+        failure = log.wait_for(lambda record: "The on-ready hook failed" in record.getMessage())
+        assert failure.levelno == logging.ERROR and failure.exc_info[0] is ZeroDivisionError
+        assert service.readiness()[0]
         assert len(service.embed_texts(["still serving"]).vectors) == 1
 
 

@@ -39,7 +39,7 @@ def test_one_json_log_line_per_request_with_tokens(server, request_log, text_emb
     response = requests.post(server.url + "/embeddings", json={"text": "count my tokens"},
                              headers={**AUTH, "X-Request-ID": "log-me"}, timeout=30)
     assert response.status_code == 200
-    line = request_log.wait_for("log-me")
+    line = request_log.wait_for(lambda record: record["request_id"] == "log-me")
     tokens = text_embedder.tokens_processed(text_embedder.tokenize(["count my tokens"])[0])
     assert line["method"] == "POST" and line["route"] == "/embeddings" and line["status"] == 200
     assert line["tokens"] == tokens and line["duration_ms"] > 0

@@ -146,28 +146,44 @@ def assert_envelope(response, status: int, param: str | None = None, code: str |
     return error
 
 
-class RequestLog(logging.Handler):
-    """The JSON request log's records (one per request the app has answered), collected while it is attached
-    to the "embedder.requests" logger."""
+class LogWatch(logging.Handler):
+    """What a logger emits while this watches it, each record as `read` makes it, and a way to wait for one."""
 
-    def __init__(self) -> None:
+    def __init__(self, read: Callable[[logging.LogRecord], Any] = lambda record: record) -> None:
         super().__init__()
-        self.records: list[dict] = []
+        self.read = read
+        self.records: list = []
         self._added = threading.Condition()
 
     def emit(self, record: logging.LogRecord) -> None:
         with self._added:
-            self.records.append(json.loads(record.getMessage()))
+            self.records.append(self.read(record))
             self._added.notify_all()
 
-    def wait_for(self, request_id: str, timeout: float = PATIENCE) -> dict:
-        """The record of the request sent with this X-Request-ID, once the app has answered it."""
-        def found() -> dict | None:
-            return next((record for record in self.records if record["request_id"] == request_id), None)
+    def wait_for(self, wanted: Callable[[Any], bool], timeout: float = PATIENCE) -> Any:
+        """The first record that is wanted, once it has been logged."""
+        def found() -> Any:
+            return next((record for record in self.records if wanted(record)), None)
 
         with self._added:
-            assert self._added.wait_for(found, timeout), f"no request {request_id!r} in the log: {self.records}"
+            assert self._added.wait_for(found, timeout), f"not in the log: {self.records}"
             return found()
+
+
+@contextmanager
+def watching_log(name: str, read: Callable[[logging.LogRecord], Any] = lambda record: record,
+                 level: int = logging.INFO) -> Iterator[LogWatch]:
+    """A LogWatch on the logger `name` while the block runs, the logger passing on records of `level` and above
+    (an app sets the request log's level only when it is the first to log there)."""
+    watch, logger = LogWatch(read), logging.getLogger(name)
+    level_before = logger.level
+    logger.setLevel(level)
+    logger.addHandler(watch)
+    try:
+        yield watch
+    finally:
+        logger.removeHandler(watch)
+        logger.setLevel(level_before)
 
 
 # --- servers on loopback --------------------------------------------------------------------
