@@ -22,18 +22,15 @@ import requests
 
 from batcher import (ASSUMED_TOKENS_PER_SECOND, Batcher, BatchLimits, ModelUnavailableError, QueueFullError,
                      RequestTimeoutError, Throughput)
-from config import SettingsError, load_settings
-from conftest import (SAME_ENGINE_MIN_COSINE, TEST_API_KEY, assert_same_vectors, existing, running_service,
-                      service_around_model, start_live_server)
 from embeddings import plan_forward_passes
-from main import SMALL_BODY_BYTES, create_app
+from main import SMALL_BODY_BYTES
 from service import ServiceHooks
+from testkit import (AUTH, MODEL, PATIENCE, SAME_ENGINE_MIN_COSINE, TEST_API_KEY, GatedEncoder, assert_same_vectors,
+                     post, post_v1, running_service, service_around_model, serving, tokens_of, windows_of)
 
-AUTH = {"X-API-Key": TEST_API_KEY}
 QUERIES = [f"how do I cook recipe number {n} with {'rice' if n % 2 else 'beans'}" for n in range(24)]
 DOCUMENT = "A long document about the history of bridges and how they are built. " * 60
-PATIENCE = 120
-LIMITS = BatchLimits(max_tokens=4096, max_wait=0.005, queue_max_tokens=32768, request_timeout=PATIENCE)
+LIMITS = BatchLimits(max_tokens=4096, batching=True, queue_max_tokens=32768, request_timeout=PATIENCE)
 
 
 class ModelThreadKilled(BaseException):
@@ -62,7 +59,7 @@ def test_concurrent_requests_are_batched_and_equal_unbatched_results(test_settin
     barrier = threading.Barrier(len(inputs))
 
     batches: list[int] = []
-    with running_service(replace(test_settings, batch_wait_ms=20), lambda _: loaded_models,
+    with running_service(test_settings, lambda _: loaded_models,
                          recording_batches(batches)) as service:
         def embed(texts):
             barrier.wait()
@@ -79,7 +76,7 @@ def test_concurrent_requests_are_batched_and_equal_unbatched_results(test_settin
 
 def test_batching_off_runs_one_request_per_batch(test_settings, loaded_models, text_embedder):
     batches: list[int] = []
-    with running_service(replace(test_settings, batch_wait_ms=0), lambda _: loaded_models,
+    with running_service(replace(test_settings, batching=False), lambda _: loaded_models,
                          recording_batches(batches)) as service:
         with ThreadPoolExecutor(8) as pool:
             results = list(pool.map(lambda text: service.embed_texts([text]), QUERIES[:8]))
@@ -89,33 +86,6 @@ def test_batching_off_runs_one_request_per_batch(test_settings, loaded_models, t
 
 
 # --- the batcher itself -------------------------------------------------------
-
-class GatedEncoder:
-    """Encodes for real, but only once let through: until then a model call that never returns.
-
-    `entered` is set when a call arrives; `calls` records the windows of every call.
-    """
-
-    def __init__(self, text_embedder):
-        self.text_embedder = text_embedder
-        self.gate = threading.Event()
-        self.entered = threading.Event()
-        self.calls: list[list] = []
-
-    def __call__(self, windows):
-        self.calls.append(list(windows))
-        self.entered.set()
-        self.gate.wait()
-        return self.text_embedder.encode_windows(windows)
-
-
-def windows_of(text_embedder, text):
-    return text_embedder.tokenize([text])[0].windows
-
-
-def tokens_of(text_embedder, text) -> int:
-    return sum(text_embedder.tokens_per_window(window) for window in windows_of(text_embedder, text))
-
 
 def new_batcher(encode, text_embedder, on_batch=None, clock=time.monotonic, **limit_changes) -> Batcher:
     return Batcher(encode, text_embedder.tokens_per_window, replace(LIMITS, **limit_changes), on_batch, clock)
@@ -182,52 +152,41 @@ def test_retry_after_is_the_time_the_queued_work_takes_at_the_measured_throughpu
     assert throughput.seconds_for(10_000) == 3
 
 
-def test_a_lone_request_is_taken_without_waiting_for_company(text_embedder):
-    # Company is awaited for up to an hour: a lone request made to wait would miss its deadline.
-    batcher = new_batcher(text_embedder.encode_windows, text_embedder, max_wait=3600)
-    with running(batcher):
-        for _ in range(2):  # the first request, then one after a batch of one
-            assert_vector_of(text_embedder, "alone", batcher.encode(windows_of(text_embedder, "alone"))[0])
-
-
-def batch_of_two_after_one(batcher: Batcher, encoder: GatedEncoder, windows) -> None:
-    """Concurrent traffic: two requests queue while a first is in the model, then run as one batch."""
-    with ThreadPoolExecutor(1) as pool:
+def test_a_free_model_thread_takes_what_waits_and_never_waits_for_company(text_embedder):
+    encoder = GatedEncoder(text_embedder)
+    windows = windows_of(text_embedder, "company")
+    per_request = sum(text_embedder.tokens_per_window(window) for window in windows)
+    batches: list[int] = []
+    batcher = new_batcher(encoder, text_embedder, lambda stats: batches.append(stats.jobs),
+                          max_tokens=3 * per_request)
+    with ThreadPoolExecutor(1) as pool, running(batcher, encoder.gate):
+        # While the model works on a first request, four more queue: the next batch takes what fits the budget.
         first = pool.submit(batcher.encode, windows)
         assert encoder.entered.wait(PATIENCE)
-        behind = [batcher.submit(windows) for _ in range(2)]
+        behind = [batcher.submit(windows) for _ in range(4)]
+        encoder.gate.set()
+        first.result(PATIENCE)
+        for job in behind:
+            assert_vector_of(text_embedder, "company", batcher.wait_for(job)[0])
+        # A lone request after concurrent traffic is taken at once, alone: nothing waits for company.
+        assert_vector_of(text_embedder, "company", batcher.encode(windows)[0])
+    assert batches == [1, 3, 1, 1]
+
+
+def test_batching_off_takes_one_request_at_a_time(text_embedder):
+    encoder = GatedEncoder(text_embedder)
+    windows = windows_of(text_embedder, "alone")
+    batches: list[int] = []
+    batcher = new_batcher(encoder, text_embedder, lambda stats: batches.append(stats.jobs), batching=False)
+    with ThreadPoolExecutor(1) as pool, running(batcher, encoder.gate):
+        first = pool.submit(batcher.encode, windows)
+        assert encoder.entered.wait(PATIENCE)
+        behind = [batcher.submit(windows) for _ in range(3)]
         encoder.gate.set()
         first.result(PATIENCE)
         for job in behind:
             batcher.wait_for(job)
-
-
-def test_after_concurrent_traffic_the_model_thread_waits_for_company(text_embedder):
-    encoder = GatedEncoder(text_embedder)
-    windows = windows_of(text_embedder, "company")
-    budget = 2 * sum(text_embedder.tokens_per_window(window) for window in windows)
-    batches: list[int] = []
-    batcher = new_batcher(encoder, text_embedder, lambda stats: batches.append(stats.jobs),
-                          max_wait=3600, max_tokens=budget)
-    with running(batcher, encoder.gate):
-        batch_of_two_after_one(batcher, encoder, windows)
-        # The next request waits for company (up to an hour), which comes and fills the token budget.
-        lone, company = batcher.submit(windows), batcher.submit(windows)
-        batcher.wait_for(lone)
-        batcher.wait_for(company)
-    assert batches == [1, 2, 2]
-
-
-def test_the_wait_for_company_ends_at_the_wait_bound(text_embedder):
-    encoder = GatedEncoder(text_embedder)
-    windows = windows_of(text_embedder, "company")
-    batches: list[int] = []
-    batcher = new_batcher(encoder, text_embedder, lambda stats: batches.append(stats.jobs), max_wait=0.05)
-    with running(batcher, encoder.gate):
-        batch_of_two_after_one(batcher, encoder, windows)
-        # No company comes: the request is answered after the wait bound, long before its deadline.
-        assert_vector_of(text_embedder, "company", batcher.encode(windows)[0])
-    assert batches == [1, 2, 1]
+    assert batches == [1, 1, 1, 1]
 
 
 def test_a_large_job_runs_in_model_calls_of_at_most_the_batch_budget(text_embedder):
@@ -376,21 +335,7 @@ def test_stop_finishes_every_accepted_request(text_embedder):
 # --- over HTTP ------------------------------------------------------------------
 
 def post_text(live, text):
-    return requests.post(live.url + "/embeddings", json={"text": text}, headers=AUTH, timeout=120)
-
-
-def post_v1(live, text):
-    return requests.post(live.url + "/v1/embeddings", json={"model": "all-MiniLM-L6-v2", "input": text},
-                         headers=AUTH, timeout=120)
-
-
-@contextmanager
-def serving(settings, service) -> Iterator:
-    live = start_live_server(create_app(settings, existing(service)))
-    try:
-        yield live
-    finally:
-        live.stop()
+    return post(live, "/embeddings", {"text": text})
 
 
 def test_a_burst_of_64_one_text_requests_all_get_200(server, text_embedder):
@@ -466,11 +411,12 @@ def test_a_model_call_that_never_returns_gets_503_at_the_deadline_and_health_say
     now = [0.0]
     with (service_around_model(settings, text_embedder, encoder) as service, serving(settings, service) as live,
           ThreadPoolExecutor(1) as pool):
-        monkeypatch.setattr(service._batcher, "_clock", lambda: now[0])  # time, moved on by the test
+        # Time, moved on by the test: the one fault injected into the service's insides, which take no clock.
+        monkeypatch.setattr(service._batcher, "_clock", lambda: now[0])
         try:
             held = pool.submit(post_text, live, "held in the model")
             assert encoder.entered.wait(PATIENCE)
-            queued = post_v1(live, "left in the queue")
+            queued = post_v1(live, {"model": MODEL, "input": "left in the queue"})
             for response in (held.result(), queued):
                 assert response.status_code == 503 and int(response.headers["Retry-After"]) >= 1
                 assert "did not answer within 0.5 s (REQUEST_TIMEOUT_SECONDS)" in response.text
@@ -500,7 +446,7 @@ def test_a_dead_model_thread_makes_health_and_readiness_503_and_requests_fail_at
           serving(test_settings, service) as live):
         with caplog.at_level(logging.CRITICAL, logger="batcher"):
             last = post_text(live, "the last request it takes")
-        later = post_v1(live, "after it has gone")
+        later = post_v1(live, {"model": MODEL, "input": "after it has gone"})
         health = requests.get(live.url + "/health", timeout=PATIENCE)
         ready = requests.get(live.url + "/health/ready", timeout=PATIENCE)
     # Answered with the reason, not left to wait for the deadline (that would say REQUEST_TIMEOUT_SECONDS).
@@ -561,7 +507,8 @@ def test_a_full_queue_refuses_a_request_before_its_body_is_read(test_settings, t
         try:
             in_model = pool.submit(post_text, live, "first, and held in the model")
             assert encoder.entered.wait(PATIENCE)
-            # Queued by the time submit returns; alone, it is larger than the bound, so the queue is full.
+            # Queued by the time submit returns (a request sent over HTTP gives no such moment); alone, it is
+            # larger than the bound, so the queue is full.
             filler = service._batcher.submit(windows_of(text_embedder, DOCUMENT))
             answer = send_headers_only(live, "/embeddings", content_length=10_000, marker="tokens of work")
             assert answer.startswith("HTTP/1.1 429") and "Retry-After:" in answer, answer
@@ -571,47 +518,29 @@ def test_a_full_queue_refuses_a_request_before_its_body_is_read(test_settings, t
         assert len(service._batcher.wait_for(filler)) == len(windows_of(text_embedder, DOCUMENT))
 
 
-def test_a_client_that_disconnects_does_not_break_the_batch(server, text_embedder):
-    def impatient():
+def test_a_client_that_gives_up_does_not_break_the_batch(test_settings, text_embedder, request_log):
+    """A client times out and closes its connection while its texts are in the model: the server still finishes
+    its request (answering no one), and the requests queued behind it get their own vectors."""
+    batches: list[int] = []
+    encoder = GatedEncoder(text_embedder)
+    with (service_around_model(test_settings, text_embedder, encoder, recording_batches(batches)) as service,
+          serving(test_settings, service) as live, ThreadPoolExecutor(9) as pool):
         try:
-            requests.post(server.url + "/embeddings/batch", json={"texts": [DOCUMENT] * 40},
-                          headers=AUTH, timeout=0.05)
-        except requests.exceptions.Timeout:
-            pass
-
-    with ThreadPoolExecutor(9) as pool:
-        gone = pool.submit(impatient)
-        answers = list(pool.map(lambda text: post_text(server, text), QUERIES[:8]))
-        gone.result()
+            impatient = pool.submit(post, live, "/embeddings/batch", {"texts": [DOCUMENT]},
+                                    headers={"X-Request-ID": "gave-up"}, timeout=1)
+            assert encoder.entered.wait(PATIENCE)  # its texts are in the model, which is held
+            # requests closes its connection when it gives up: the disconnect happens while the model works.
+            with pytest.raises(requests.exceptions.ReadTimeout):
+                impatient.result(PATIENCE)
+            answers = [pool.submit(post_text, live, text) for text in QUERIES[:8]]
+        finally:
+            encoder.gate.set()
+        answers = [answer.result(PATIENCE) for answer in answers]
+        abandoned = request_log.wait_for(lambda line: line["request_id"] == "gave-up")
+    # The server answered the request its client had left, after the client had gone.
+    assert (abandoned["route"], abandoned["status"]) == ("/embeddings/batch", 200)
+    assert encoder.calls[0] == windows_of(text_embedder, DOCUMENT)
+    assert sum(batches) == 1 + len(answers)  # every request, the abandoned one too, was served by the model
     for text, response in zip(QUERIES, answers):
         assert response.status_code == 200
         assert_vector_of(text_embedder, text, response.json()["embeddings"][0])
-
-
-# --- settings ---------------------------------------------------------------------
-
-def test_queue_deadline_and_body_settings_have_their_documented_defaults():
-    settings = load_settings({})
-    assert settings.queue_max_tokens == 65536 and settings.request_timeout_seconds == 60
-    assert settings.max_request_bytes_in_flight == settings.max_request_size == 32 * 1024 * 1024
-    assert load_settings({"REQUEST_TIMEOUT_SECONDS": "2.5"}).request_timeout_seconds == 2.5
-
-
-@pytest.mark.parametrize("name, value", [
-    ("QUEUE_MAX_TOKENS", "0"), ("REQUEST_TIMEOUT_SECONDS", "soon"), ("REQUEST_TIMEOUT_SECONDS", "0"),
-    ("REQUEST_TIMEOUT_SECONDS", "inf"), ("MAX_REQUEST_BYTES_IN_FLIGHT", "-1"),
-])
-def test_bad_queue_deadline_and_body_settings_name_the_variable(name, value):
-    with pytest.raises(SettingsError, match=name):
-        load_settings({name: value})
-
-
-def test_bytes_in_flight_below_the_largest_body_stops_start_up():
-    with pytest.raises(SettingsError, match="MAX_REQUEST_BYTES_IN_FLIGHT must be at least MAX_REQUEST_SIZE"):
-        load_settings({"MAX_REQUEST_SIZE": "2000", "MAX_REQUEST_BYTES_IN_FLIGHT": "1000"})
-
-
-def test_the_retired_queue_max_is_named_in_a_warning(caplog):
-    with caplog.at_level(logging.WARNING, logger="config"):
-        load_settings({"QUEUE_MAX": "4"})
-    assert "QUEUE_MAX is no longer read" in caplog.text and "QUEUE_MAX_TOKENS" in caplog.text

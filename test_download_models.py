@@ -1,83 +1,97 @@
 """download_models.py on the real bundled model, baked and exported into a temporary MODELS_DIR."""
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import shutil
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 
 import download_models
 from config import Settings
-from conftest import SAME_ENGINE_MIN_COSINE, TEST_API_KEY, assert_same_vectors, running_service
 from manifest import source_files, write_source_record
 from model_locator import baked_model_dir, exported_model_dir, locate_local_source, locate_model
+from testkit import MODEL, SAME_ENGINE_MIN_COSINE, TEST_API_KEY, assert_same_vectors, running_service
 from torch_engine import load_transformers_tokenizer
 
-MODEL = "all-MiniLM-L6-v2"
 SCRIPT = Path(__file__).with_name("download_models.py")
 
 
-@pytest.fixture
-def bake_environment(monkeypatch, tmp_path):
+def set_build_environment(env: pytest.MonkeyPatch, models_dir: Path) -> None:
     """The build's environment: EMBEDDING_MODEL and MODELS_DIR set, nothing else of the caller's."""
     for name in ("EMBEDDING_MODEL", "TOKENIZER_MODEL", "MODELS_DIR", "ALLOW_MODEL_DOWNLOAD", "MAX_BATCH_SIZE",
                  "ENGINE", "ENGINE_PRECISION"):
-        monkeypatch.delenv(name, raising=False)
-    models_dir = tmp_path / "models"
-    monkeypatch.setenv("EMBEDDING_MODEL", MODEL)
-    monkeypatch.setenv("MODELS_DIR", str(models_dir))
-    return models_dir
+        env.delenv(name, raising=False)
+    env.setenv("EMBEDDING_MODEL", MODEL)
+    env.setenv("MODELS_DIR", str(models_dir))
 
 
 @pytest.fixture
-def baked_models_dir(bake_environment, monkeypatch):
-    monkeypatch.setenv("TOKENIZER_MODEL", f"sentence-transformers/{MODEL}")
-    assert download_models.main(["--no-download"]) == 0
-    return bake_environment
+def bake_environment(monkeypatch, tmp_path) -> Path:
+    models_dir = tmp_path / "models"
+    set_build_environment(monkeypatch, models_dir)
+    return models_dir
 
 
-def test_bakes_the_bundled_model_and_its_tokenizer(bake_environment, monkeypatch, capsys):
-    monkeypatch.setenv("TOKENIZER_MODEL", f"sentence-transformers/{MODEL}")
+@dataclass(frozen=True)
+class Bake:
+    models_dir: Path
+    output: str  # what download_models.py printed
 
-    assert download_models.main(["--no-download"]) == 0
 
-    baked = baked_model_dir(bake_environment, MODEL)
+@pytest.fixture(scope="module")
+def bake(tmp_path_factory) -> Bake:
+    """The bundled model and its tokenizer baked and exported once, as the image build does, for the tests that
+    only read what it made: each bake and export takes about ten seconds of the module's time."""
+    models_dir = tmp_path_factory.mktemp("bake") / "models"
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as env, contextlib.redirect_stdout(printed):
+        set_build_environment(env, models_dir)
+        env.setenv("TOKENIZER_MODEL", f"sentence-transformers/{MODEL}")
+        assert download_models.main(["--no-download"]) == 0
+    return Bake(models_dir, printed.getvalue())
+
+
+def test_bakes_the_bundled_model_and_its_tokenizer(bake):
+    baked = baked_model_dir(bake.models_dir, MODEL)
     assert (baked / "modules.json").is_file()
     assert (baked / "model.safetensors").is_file()
-    assert locate_model(MODEL, bake_environment, allow_download=False).source == "baked folder"
-    output = capsys.readouterr().out
-    assert "found in installed package" in output
-    assert "verified: one text gives a vector of 384 numbers" in output
-    assert "verified: the tokenizer loads offline and fits the model" in output
-    exported = exported_model_dir(bake_environment, MODEL, "openvino")
+    assert locate_model(MODEL, bake.models_dir, allow_download=False).source == "baked folder"
+    assert "found in installed package" in bake.output
+    assert "verified: one text gives a vector of 384 numbers" in bake.output
+    assert "verified: the tokenizer loads offline and fits the model" in bake.output
+    exported = exported_model_dir(bake.models_dir, MODEL, "openvino")
     assert (exported / "manifest.json").is_file() and (exported / "text.xml").is_file()
-    assert "verified: openvino" in output and "reproduces the torch vectors" in output
+    assert "verified: openvino" in bake.output and "reproduces the torch vectors" in bake.output
     # Nothing but the baked folder and its export is left behind: no staging folder, no hub cache.
-    assert sorted(path.name for path in bake_environment.iterdir()) == sorted([baked.name, exported.name])
+    assert sorted(path.name for path in bake.models_dir.iterdir()) == sorted([baked.name, exported.name])
     # Readable by anyone: the image serves them as an unprivileged user, not as the user who built them.
     for folder in (baked, exported):
         assert all(path.stat().st_mode & 0o005 == 0o005 for path in [folder, *folder.rglob("*")] if path.is_dir())
         assert all(path.stat().st_mode & 0o004 for path in folder.rglob("*") if path.is_file())
 
 
-def test_service_loads_the_baked_model_and_embeds_like_the_bundled_one(baked_models_dir, torch_service, caplog):
-    settings = Settings(api_keys=(TEST_API_KEY,), models_dir=str(baked_models_dir))
+def test_service_loads_the_baked_model_and_embeds_like_the_bundled_one(bake, torch_service, caplog):
+    settings = Settings(api_keys=(TEST_API_KEY,), models_dir=str(bake.models_dir))
     for engine in ("auto", "torch"):
         with caplog.at_level(logging.INFO), running_service(replace(settings, engine=engine)) as service:
             text = "Baked and bundled models give the same vector."
             baked_vector = service.embed_texts([text]).vectors[0]
             bundled_vector = torch_service.embed_texts([text]).vectors[0]
             assert_same_vectors(baked_vector, bundled_vector, SAME_ENGINE_MIN_COSINE if engine == "torch" else 0.9999)
-    assert f"from {baked_model_dir(baked_models_dir, MODEL)} (baked folder)" in caplog.text
+    assert f"from {baked_model_dir(bake.models_dir, MODEL)} (baked folder)" in caplog.text
     assert "Self-check passed on openvino" in caplog.text
 
 
-def test_a_second_run_keeps_the_baked_model(baked_models_dir, capsys):
-    baked = baked_model_dir(baked_models_dir, MODEL)
+def test_a_second_run_keeps_the_baked_model(bake, monkeypatch, capsys):
+    set_build_environment(monkeypatch, bake.models_dir)
+    monkeypatch.setenv("TOKENIZER_MODEL", f"sentence-transformers/{MODEL}")
+    baked = baked_model_dir(bake.models_dir, MODEL)
     weights_written = (baked / "model.safetensors").stat().st_mtime_ns
     capsys.readouterr()
 
@@ -85,7 +99,7 @@ def test_a_second_run_keeps_the_baked_model(baked_models_dir, capsys):
 
     # The export made from these files passes its self-check, which proves the bake too: nothing is redone.
     output = capsys.readouterr().out
-    assert f"{MODEL}: already exported in {exported_model_dir(baked_models_dir, MODEL, 'openvino')}" in output
+    assert f"{MODEL}: already exported in {exported_model_dir(bake.models_dir, MODEL, 'openvino')}" in output
     assert "exporting" not in output and "baked into" not in output
     assert (baked / "model.safetensors").stat().st_mtime_ns == weights_written
 
@@ -167,5 +181,5 @@ def test_a_tokenizer_folder_is_baked_and_found_once_the_folder_is_gone(
     tokenizer = load_transformers_tokenizer(settings, reference_model)
     assert tokenizer("hello world")["input_ids"] == [101, 7592, 2088, 102]
     # The export carries that tokenizer, and the service serving it needs no folder.
-    with running_service(replace(settings, api_keys=(TEST_API_KEY,))):
-        pass
+    with running_service(replace(settings, api_keys=(TEST_API_KEY,))) as service:
+        assert service.embed_texts(["hello world"]).token_count == 4  # [CLS] hello world [SEP]

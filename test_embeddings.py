@@ -1,8 +1,6 @@
 """The embedding logic on the real all-MiniLM-L6-v2 model, on the default engine and on the torch fallback."""
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -11,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from config import Settings, SettingsError, load_settings
-from conftest import SAME_ENGINE_MIN_COSINE, assert_same_vectors
+from config import Settings
 from embeddings import TextEmbedder, TextModelShape, all_windows, split_into_windows
 from manifest import PROBE_TEXTS
 from model_loading import load_models
 from model_locator import ModelNotFoundError, baked_model_dir, locate_model
+from testkit import SAME_ENGINE_MIN_COSINE, assert_same_vectors, cosine, run_python
 from torch_engine import load_sentence_transformer, load_transformers_tokenizer, text_tokenizer_of
 
 LONG_TEXT = " ".join(f"Sentence number {n} talks about rivers, mountains and the sea." for n in range(120))
@@ -26,10 +24,6 @@ TOKENIZER_TEXTS = list(PROBE_TEXTS.values()) + [
     "ไทยภาษา", "👩‍👩‍👧‍👦 family, 👍🏽 thumbs", "tabs\tand\nnewlines  double  spaces", "NUL\x00in text",
     "URL https://example.com/a?b=c&d=e", "CamelCaseWordsAndSNAKE_case", "", "   ", "x" * 600,
 ]
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
 @pytest.fixture(scope="session")
@@ -151,23 +145,31 @@ def test_long_text_vector_is_token_weighted_average_of_window_vectors(embedder, 
     assert not np.allclose(vector, plain_mean / np.linalg.norm(plain_mean), atol=1e-5)
 
 
-def test_windows_are_encoded_in_calls_of_at_most_max_batch_size(embedder, monkeypatch):
-    # An embedder of its own: the shared one may still be serving another test's server.
+class CountingEncoder:
+    """An engine that counts the windows of each forward pass it is given, and runs it on the real engine."""
+
+    def __init__(self, real) -> None:
+        self.real = real
+        self.calls: list[int] = []
+
+    def encode_text(self, input_ids, attention_mask):
+        self.calls.append(len(input_ids))
+        return self.real.encode_text(input_ids, attention_mask)
+
+    def __getattr__(self, name: str):
+        return getattr(self.real, name)
+
+
+def test_windows_are_encoded_in_calls_of_at_most_max_batch_size(embedder):
+    # An embedder of its own, on the real engine: the shared one may still be serving another test's server.
     shape = TextModelShape(embedder.dimension, embedder.max_seq_length, embedder.normalizes)
-    embedder = TextEmbedder(embedder.tokenizer, embedder.encoder, shape, max_batch_size=8, max_batch_tokens=4096)
-    calls = []
-    original = embedder._forward
-
-    def counting_forward(windows):
-        calls.append(len(windows))
-        return original(windows)
-
-    monkeypatch.setattr(embedder, "_forward", counting_forward)
+    engine = CountingEncoder(embedder.encoder)
+    embedder = TextEmbedder(embedder.tokenizer, engine, shape, max_batch_size=8, max_batch_tokens=4096)
     embedder.embed([LONG_TEXT, LONG_TEXT, "short"])
     windows = 2 * len(embedder.tokenize([LONG_TEXT])[0].windows) + 1
-    assert sum(calls) == windows
-    assert max(calls) <= embedder.max_batch_size
-    assert len(calls) == -(-windows // embedder.max_batch_size)
+    assert sum(engine.calls) == windows
+    assert max(engine.calls) <= embedder.max_batch_size
+    assert len(engine.calls) == -(-windows // embedder.max_batch_size)
 
 
 def test_token_ids_input_equals_text_input(embedder):
@@ -184,25 +186,24 @@ def test_tokenizer_model_setting_loads_that_tokenizer(reference_model):
     assert text_tokenizer_of(tokenizer).token_ids(["hello"]) == [[7592]]
 
 
-def test_serving_imports_no_torch(test_settings):
-    """A process that serves the default engine never imports torch, sentence-transformers or transformers."""
-    script = f"""
-import sys
+SERVE_ONE_REQUEST = """
+import json, sys
 from config import Settings
-from conftest import wait_for_loading
 from main import create_app
-settings = Settings(api_keys=("k",), models_dir={test_settings.models_dir!r})
-app = create_app(settings)
+from testkit import wait_for_loading
+app = create_app(Settings(api_keys=("k",), models_dir=sys.argv[1]))
 assert wait_for_loading(app.extensions["embedding_service"])[0]
-response = app.test_client().post("/embeddings", json={{"text": "hi"}}, headers={{"X-API-Key": "k"}})
+response = app.test_client().post("/embeddings", json={"text": "hi"}, headers={"X-API-Key": "k"})
 assert response.status_code == 200, response.get_data(as_text=True)
 app.extensions["embedding_service"].stop()
-print(sorted(name for name in sys.modules if name.split(".")[0] in ("torch", "sentence_transformers", "transformers")))
+print(json.dumps(sorted(name for name in sys.modules
+                        if name.split(".")[0] in ("torch", "sentence_transformers", "transformers"))))
 """
-    result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_serving_imports_no_torch(test_settings):
+    """A process that serves the default engine never imports torch, sentence-transformers or transformers."""
+    assert run_python(SERVE_ONE_REQUEST, test_settings.models_dir) == []
 
 
 # --- model resolution -------------------------------------------------------
@@ -241,50 +242,3 @@ def test_locate_model_uses_the_hub_only_when_allowed(tmp_path):
 def test_load_model_fails_with_one_clear_message(tmp_path):
     with pytest.raises(ModelNotFoundError, match="not found"):
         load_sentence_transformer(Settings(embedding_model="no-such-model", models_dir=str(tmp_path)))
-
-
-# --- settings ---------------------------------------------------------------
-
-def test_settings_defaults_are_the_documented_ones():
-    settings = load_settings({})
-    assert settings.api_keys == ("abc123",) and settings.uses_default_api_key
-    assert (settings.port, settings.max_batch_size, settings.max_texts_per_batch) == (5001, 32, 100)
-    assert (settings.max_images_per_batch, settings.max_image_size) == (20, 10485760)
-    assert settings.embedding_model == "all-MiniLM-L6-v2" and settings.tokenizer_model is None
-    assert settings.allow_model_download is False
-    assert (settings.engine, settings.engine_precision) == ("auto", "auto")
-
-
-def test_one_worker_on_every_core_unless_torch_serves(monkeypatch):
-    import config
-    monkeypatch.setattr(config, "available_cpus", lambda: 4)
-    exported = load_settings({})
-    assert (exported.workers, exported.engine_threads) == (1, 4)
-    torch_settings = load_settings({"ENGINE": "torch"})
-    assert (torch_settings.workers, torch_settings.engine_threads) == (2, 2)
-    assert load_settings({"WORKERS": "2"}).engine_threads == 2
-    # TORCH_NUM_THREADS is the older name of the thread count; ENGINE_THREADS wins over it.
-    assert load_settings({"TORCH_NUM_THREADS": "3"}).engine_threads == 3
-    assert load_settings({"TORCH_NUM_THREADS": "3", "ENGINE_THREADS": "1"}).engine_threads == 1
-    assert load_settings({"ENGINE": "TORCH", "ENGINE_PRECISION": "F32"}).engine_precision == "f32"
-
-
-def test_settings_are_read_from_the_environment():
-    settings = load_settings({"VECTOR_EMBEDDER_API_KEY": "new, old", "PORT": "8080", "MAX_BATCH_SIZE": "16",
-                              "EMBEDDING_MODEL": "clip-ViT-B-32", "TOKENIZER_MODEL": "",
-                              "ALLOW_MODEL_DOWNLOAD": "true"})
-    assert settings.api_keys == ("new", "old") and not settings.uses_default_api_key
-    assert (settings.port, settings.max_batch_size) == (8080, 16)
-    assert settings.embedding_model == "clip-ViT-B-32" and settings.tokenizer_model is None
-    assert settings.allow_model_download is True
-
-
-@pytest.mark.parametrize("name, value", [
-    ("MAX_BATCH_SIZE", "0"), ("MAX_TEXTS_PER_BATCH", "-5"), ("PORT", "http"), ("MAX_IMAGE_SIZE", "1.5"),
-    ("PORT", "70000"), ("MAX_TEXT_LENGTH", "ten"), ("ALLOW_MODEL_DOWNLOAD", "maybe"),
-    ("VECTOR_EMBEDDER_API_KEY", " , "), ("ENGINE", "onnxruntime"), ("ENGINE_PRECISION", "int8"),
-    ("ENGINE_THREADS", "0"),
-])
-def test_bad_settings_name_the_variable(name, value):
-    with pytest.raises(SettingsError, match=name):
-        load_settings({name: value})

@@ -10,8 +10,8 @@ import schemathesis
 from schemathesis.checks import positive_data_acceptance
 from hypothesis import HealthCheck, settings
 
-from conftest import TEST_API_KEY
 from openapi_document import openapi_document
+from testkit import TEST_API_KEY
 
 EXAMPLES_PER_ROUTE = 30
 

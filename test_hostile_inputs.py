@@ -5,7 +5,6 @@ same server must still answer correct embeddings.
 """
 from __future__ import annotations
 
-import base64
 import io
 import json
 import socket
@@ -15,15 +14,10 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import ANSWER_TIMEOUT, TEST_API_KEY, assert_same_vectors, read_answer
 from self_check import IMAGE_MIN_COSINE
-from test_image_embeddings import encoded, png_header_only
+from testkit import AUTH, PATIENCE, TEST_API_KEY, assert_same_vectors, b64, encoded, png_header_only, read_answer
 
 JSON = {"Content-Type": "application/json"}
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
 
 
 def animated_gif() -> bytes:
@@ -77,28 +71,23 @@ HOSTILE = [
 ]
 
 
-@pytest.fixture(scope="module")
-def clip_server(tiny_clip_server):
-    return tiny_clip_server
-
-
 def send(server, path: str, body, headers: dict | None = None) -> requests.Response:
-    headers = {"X-API-Key": TEST_API_KEY, **JSON, **(headers or {})}
+    headers = {**AUTH, **JSON, **(headers or {})}
     if isinstance(body, bytes):
         return requests.post(server.url + path, data=body, headers=headers, timeout=60)
     return requests.post(server.url + path, json=body, headers=headers, timeout=60)
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
-def test_every_hostile_input_gets_its_status_and_the_server_stays_correct(clip_server, tiny_clip_model):
+def test_every_hostile_input_gets_its_status_and_the_server_stays_correct(tiny_clip_server, tiny_clip_model):
     failures = []
     for name, path, body, status, words in HOSTILE:
-        response = send(clip_server, path, body)
+        response = send(tiny_clip_server, path, body)
         message = response.json().get("error", "") if response.status_code != 200 else ""
         if response.status_code != status or (words and words not in message):
             failures.append(f"{name}: {response.status_code} {message!r} (expected {status} with {words!r})")
     assert not failures, "\n".join(failures)
-    assert_still_correct(clip_server, tiny_clip_model)
+    assert_still_correct(tiny_clip_server, tiny_clip_model)
 
 
 def assert_still_correct(server, reference_model) -> None:
@@ -110,24 +99,24 @@ def assert_still_correct(server, reference_model) -> None:
 
 
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", ""])
-def test_json_with_another_content_type_is_read_as_json(clip_server, content_type):
-    response = send(clip_server, "/embeddings", b'{"text": "typed oddly"}', {"Content-Type": content_type})
+def test_json_with_another_content_type_is_read_as_json(tiny_clip_server, content_type):
+    response = send(tiny_clip_server, "/embeddings", b'{"text": "typed oddly"}', {"Content-Type": content_type})
     assert response.status_code == 200
 
 
-def test_multipart_to_a_text_route_says_it_wants_json(clip_server):
-    response = requests.post(clip_server.url + "/embeddings", files={"text": ("a.txt", b"hello")},
-                             headers={"X-API-Key": TEST_API_KEY}, timeout=30)
+def test_multipart_to_a_text_route_says_it_wants_json(tiny_clip_server):
+    response = requests.post(tiny_clip_server.url + "/embeddings", files={"text": ("a.txt", b"hello")},
+                             headers=AUTH, timeout=30)
     assert response.status_code == 400 and "JSON" in response.json()["error"]
 
 
-def test_a_body_over_the_limit_is_refused_before_it_is_read(clip_server):
+def test_a_body_over_the_limit_is_refused_before_it_is_read(tiny_clip_server):
     """Declare a 1 GB body and send 1 KB of it: the server answers 413 though the rest never comes.
 
     A server that waited for the rest would never answer, and the read would end in a timeout.
     """
-    host, port = clip_server.url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=ANSWER_TIMEOUT) as connection:
+    host, port = tiny_clip_server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=PATIENCE) as connection:
         connection.sendall(
             f"POST /embeddings HTTP/1.1\r\nHost: {host}\r\nX-API-Key: {TEST_API_KEY}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {2 ** 30}\r\n\r\n".encode() + b"x" * 1024)
@@ -138,5 +127,5 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(clip_server):
 
 def test_hostile_inputs_on_a_text_only_model_get_400_for_images(server):
     response = requests.post(server.url + "/embeddings/image", json={"image": b64(PNG)},
-                             headers={"X-API-Key": TEST_API_KEY}, timeout=30)
+                             headers=AUTH, timeout=30)
     assert response.status_code == 400 and "CLIP" in response.json()["error"]

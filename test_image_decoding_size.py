@@ -6,11 +6,6 @@ and handed to ImageEmbedder.embed, which is how every image was embedded before 
 from __future__ import annotations
 
 import io
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,10 +13,9 @@ from PIL import Image, ImageChops, ImageDraw, ImageOps
 
 import image_embeddings
 from image_embeddings import open_image, to_rgb
-from test_image_embeddings import cosine, encoded
+from testkit import cosine, encoded, run_python
 from tiny_clip import TINY_IMAGE_SIZE, write_tiny_clip
 
-HERE = Path(__file__).resolve().parent
 MAX_PIXELS = 50_000_000
 # clip-ViT-B-32's image processor: shortest edge resized to 224, then a 224x224 centre crop.
 CLIP_INPUT_SIZE = 224
@@ -199,11 +193,7 @@ def one_photo_measured(tmp_path_factory) -> dict:
     model_folder = write_tiny_clip(folder / "clip-224", image_size=CLIP_INPUT_SIZE)
     photo_path = folder / "photo.jpg"
     photo_like((8000, 6000)).save(photo_path, "JPEG", quality=90)
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    run = subprocess.run([sys.executable, "-c", MEASURE_ONE_PHOTO, str(model_folder), str(photo_path)],
-                         cwd=HERE, env=environment, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    measured = json.loads(run.stdout.strip().splitlines()[-1])
+    measured = run_python(MEASURE_ONE_PHOTO, str(model_folder), str(photo_path))
     print(f"48-megapixel JPEG: peak RSS +{(measured['peak_after_kb'] - measured['peak_kb']) / 1024:.1f} MB, "
           f"{measured['seconds']:.2f} s, cosine to the full decode {measured['cosine']:.7f}")
     return measured

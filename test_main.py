@@ -1,6 +1,9 @@
-"""The HTTP API over a real server on loopback, called with a real HTTP client."""
+"""The service's own HTTP API: over a real server on loopback, called with a real HTTP client, and, for how
+requests are read, validated and refused, against the app on a stand-in service (no model, no socket)."""
 from __future__ import annotations
 
+import inspect
+import json
 import logging
 import threading
 from pathlib import Path
@@ -10,19 +13,15 @@ import pytest
 import requests
 
 from config import Settings
-from conftest import (SAME_ENGINE_MIN_COSINE, TEST_API_KEY, assert_same_vectors, existing, expected_precision,
-                      running_service, start_live_server, wait_for_loading)
 from main import create_app
-from model_loading import load_models
 from model_locator import without_local_paths
 from service import EmbeddingService, ServiceHooks
+from testkit import (AUTH, SAME_ENGINE_MIN_COSINE, STUB_SETTINGS, TEST_API_KEY, StubService, app_without_model,
+                     assert_same_vectors, error_of, expected_precision, post, running_service, start_live_server,
+                     wait_for_loading, watching_log)
 
-AUTH = {"X-API-Key": TEST_API_KEY}
 LONG_TEXT = "Rivers carry water from the mountains to the sea. " * 150
-
-
-def post(server, path, json=None, data=None, headers=None):
-    return requests.post(server.url + path, json=json, data=data, headers={**AUTH, **(headers or {})}, timeout=60)
+JSON = {"Content-Type": "application/json"}
 
 
 def test_health_answers_without_auth(server):
@@ -75,87 +74,114 @@ def test_form_encoded_json_is_still_read(server):
     assert response.status_code == 200
 
 
+# --- how requests are read and refused: the app on a stand-in service, no model ---------------------
+
+def test_the_stand_in_service_offers_what_the_real_one_does():
+    """The web layer may ask StubService anything it asks EmbeddingService, in the same words."""
+    for name in [name for name in vars(EmbeddingService) if not name.startswith("_")]:
+        real, stand_in = getattr(EmbeddingService, name), getattr(StubService, name, None)
+        assert callable(stand_in), f"StubService has no {name}()"
+        assert inspect.signature(stand_in).parameters.keys() == inspect.signature(real).parameters.keys(), name
+    real, stand_in = EmbeddingService(STUB_SETTINGS), StubService(STUB_SETTINGS)
+    assert {"settings", "loaded_at"} <= vars(real).keys() & vars(stand_in).keys()
+
+
 @pytest.mark.parametrize("headers", [{}, {"X-API-Key": "wrong"}, {"X-API-Key": ""}, {"X-API-Key": TEST_API_KEY + "x"}])
-def test_missing_or_wrong_key_is_401(server, headers):
-    response = requests.post(server.url + "/embeddings", json={"text": "hi"}, headers=headers, timeout=5)
-    assert response.status_code == 401
-    assert "API key" in response.json()["error"]
+def test_missing_or_wrong_key_is_401(headers):
+    response = app_without_model().post("/embeddings", {"text": "hi"}, headers=headers)
+    assert "API key" in error_of(response, 401)
     assert TEST_API_KEY not in response.text
 
 
-def test_any_of_several_keys_is_accepted(server_with):
-    live = server_with(api_keys=("new-key", "old-key"))
+def test_any_of_several_keys_is_accepted():
+    app = app_without_model(api_keys=("new-key", "old-key"), refuse_model_calls=False)
     for key in ("new-key", "old-key"):
-        response = requests.post(live.url + "/embeddings", json={"text": "hi"}, headers={"X-API-Key": key}, timeout=30)
-        assert response.status_code == 200
-    response = requests.post(live.url + "/embeddings", json={"text": "hi"}, headers=AUTH, timeout=5)
-    assert response.status_code == 401
+        assert app.post("/embeddings", {"text": "hi"}, headers={"X-API-Key": key}).status_code == 200
+    assert app.post("/embeddings", {"text": "hi"}).status_code == 401
 
 
-@pytest.mark.parametrize("path, body, status, message", [
-    ("/embeddings", b"", 400, "empty"),
-    ("/embeddings", b'{"text": ', 400, "not valid JSON"),
-    ("/embeddings", b'["text"]', 400, "must be a JSON object, got an array"),
-    ("/embeddings", b'"just a string"', 400, "must be a JSON object, got a string"),
-    ("/embeddings", b"\xff\xfe{}", 400, "not valid UTF-8"),
-    ("/embeddings", b"[" * 100000 + b"]" * 100000, 400, "JSON"),
-    ("/embeddings", b'{"txt": "typo"}', 400, "Missing field 'text'"),
-    ("/embeddings", b'{"text": 42}', 400, "text must be a string, got a number"),
-    ("/embeddings", b'{"text": null}', 400, "text must be a string, got null"),
-    ("/embeddings", b'{"text": ["a"]}', 400, "text must be a string, got an array"),
-    ("/embeddings", b'{"text": ""}', 400, "text is empty"),
-    ("/embeddings", b'{"text": " \\n\\t "}', 400, "text is empty"),
-    ("/embeddings", b'{"text": "bad \\ud800 surrogate"}', 400, "surrogate"),
-    ("/embeddings/batch", b'{"text": "a"}', 400, "Missing field 'texts'"),
-    ("/embeddings/batch", b'{"texts": "a"}', 400, "texts must be an array of strings, got a string"),
-    ("/embeddings/batch", b'{"texts": []}', 400, "texts is empty"),
-    ("/embeddings/batch", b'{"texts": ["ok", 3]}', 400, "texts[1] must be a string"),
-    ("/embeddings/batch", b'{"texts": ["ok", ""]}', 400, "texts[1] is empty"),
+UNREADABLE_BODIES = [
+    (b"", "Request body is empty: send a JSON object"),
+    (b'{"text": ', "Request body is not valid JSON"),
+    (b'["text"]', "Request body must be a JSON object, got an array"),
+    (b'"just a string"', "Request body must be a JSON object, got a string"),
+    (b"\xff\xfe{}", "Request body is not valid UTF-8 text"),
+    (b"[" * 100000 + b"]" * 100000, "Request body is nested too deeply to be read as JSON"),
+]
+
+
+@pytest.mark.parametrize("path", ["/embeddings", "/embeddings/batch"])
+@pytest.mark.parametrize("body, message", UNREADABLE_BODIES)
+def test_unreadable_bodies_get_a_400_that_says_what_is_wrong(path, body, message):
+    assert message in error_of(app_without_model().post(path, data=body, headers={**AUTH, **JSON}), 400)
+
+
+@pytest.mark.parametrize("path, body, message", [
+    ("/embeddings", {"txt": "typo"}, "Missing field 'text'"),
+    ("/embeddings", {"text": 42}, "text must be a string, got a number"),
+    ("/embeddings", {"text": None}, "text must be a string, got null"),
+    ("/embeddings", {"text": ["a"]}, "text must be a string, got an array"),
+    ("/embeddings", {"text": ""}, "text is empty"),
+    ("/embeddings", {"text": " \n\t "}, "text is empty"),
+    ("/embeddings", {"text": "bad \ud800 surrogate"}, "text holds an unpaired surrogate"),
+    ("/embeddings/batch", {"text": "a"}, "Missing field 'texts'"),
+    ("/embeddings/batch", {"texts": "a"}, "texts must be an array of strings, got a string"),
+    ("/embeddings/batch", {"texts": []}, "texts is empty"),
+    ("/embeddings/batch", {"texts": ["ok", 3]}, "texts[1] must be a string"),
+    ("/embeddings/batch", {"texts": ["ok", ""]}, "texts[1] is empty"),
 ])
-def test_bad_requests_get_a_400_that_says_what_is_wrong(server, path, body, status, message):
-    response = post(server, path, data=body, headers={"Content-Type": "application/json"})
-    assert response.status_code == status
-    assert message in response.json()["error"]
+def test_invalid_fields_get_a_400_that_says_what_is_wrong(path, body, message):
+    # Python's json writes a lone surrogate as the escape a client would send.
+    response = app_without_model().post(path, data=json.dumps(body), headers={**AUTH, **JSON})
+    assert message in error_of(response, 400)
 
 
-def test_more_texts_than_the_batch_limit_is_400(server):
-    response = post(server, "/embeddings/batch", json={"texts": ["a"] * 101})
-    assert response.status_code == 400
-    assert "101 texts; the limit is 100 (MAX_TEXTS_PER_BATCH)" in response.json()["error"]
-    assert post(server, "/embeddings/batch", json={"texts": ["a"] * 100}).status_code == 200
+@pytest.mark.parametrize("path, body", [("/embeddings", {"text": ""}), ("/embeddings/batch", {"texts": ["ok", 3]})])
+def test_a_bad_request_to_a_real_server_is_answered_as_without_a_model(server, path, body):
+    """End to end on the real model: the same answer as the app on the stand-in service gives."""
+    real = post(server, path, body)
+    without_model = app_without_model().post(path, body)
+    assert (real.status_code, real.json()) == (without_model.status_code, without_model.get_json())
+    assert real.status_code == 400
 
 
-def test_a_text_over_the_length_limit_is_413(server_with):
-    live = server_with(max_text_length=50)
-    response = post(live, "/embeddings", json={"text": "x" * 51})
-    assert response.status_code == 413
-    assert "limit is 50 (MAX_TEXT_LENGTH)" in response.json()["error"]
-    response = post(live, "/embeddings/batch", json={"texts": ["fine", "y" * 51]})
-    assert response.status_code == 413 and "texts[1]" in response.json()["error"]
-    assert post(live, "/embeddings", json={"text": "x" * 50}).status_code == 200
+def test_more_texts_than_the_batch_limit_is_400():
+    message = error_of(app_without_model().post("/embeddings/batch", {"texts": ["a"] * 101}), 400)
+    assert "101 texts; the limit is 100 (MAX_TEXTS_PER_BATCH)" in message
+    at_the_limit = app_without_model(refuse_model_calls=False)
+    assert at_the_limit.post("/embeddings/batch", {"texts": ["a"] * 100}).status_code == 200
+    assert at_the_limit.service.model_calls == [("embed_texts", ["a"] * 100)]
 
 
-def test_a_body_over_the_size_limit_is_413(server_with):
-    live = server_with(max_request_size=1000)
-    response = post(live, "/embeddings", json={"text": "z" * 2000})
-    assert response.status_code == 413
-    assert "limit of 1000 bytes (MAX_REQUEST_SIZE)" in response.json()["error"]
+def test_a_text_over_the_length_limit_is_413():
+    app = app_without_model(max_text_length=50)
+    assert "limit is 50 (MAX_TEXT_LENGTH)" in error_of(app.post("/embeddings", {"text": "x" * 51}), 413)
+    assert error_of(app.post("/embeddings/batch", {"texts": ["fine", "y" * 51]}), 413).startswith("texts[1] ")
+    at_the_limit = app_without_model(max_text_length=50, refuse_model_calls=False)
+    assert at_the_limit.post("/embeddings", {"text": "x" * 50}).status_code == 200
 
 
-def test_unknown_routes_and_methods_answer_json(server):
-    response = requests.get(server.url + "/nothing-here", timeout=5)
-    assert response.status_code == 404 and "No route /nothing-here" in response.json()["error"]
-    response = requests.get(server.url + "/embeddings", headers=AUTH, timeout=5)
-    assert response.status_code == 405 and "GET is not allowed" in response.json()["error"]
+def test_a_body_over_the_size_limit_is_413():
+    response = app_without_model(max_request_size=1000).post("/embeddings", {"text": "z" * 2000})
+    assert "limit of 1000 bytes (MAX_REQUEST_SIZE)" in error_of(response, 413)
+
+
+def test_unknown_routes_and_methods_answer_json():
+    app = app_without_model()
+    assert "No route /nothing-here" in error_of(app.get("/nothing-here", headers={}), 404)
+    response = app.get("/embeddings")
+    assert "GET is not allowed" in error_of(response, 405)
     assert "POST" in response.headers["Allow"]
 
 
-def test_routes_answer_503_while_the_model_loads_and_200_after(test_settings):
+# --- loading, and failing to load --------------------------------------------------------------
+
+def test_routes_answer_503_while_the_model_loads_and_200_after(test_settings, loaded_models):
     release = threading.Event()
 
     def slow_loader(settings):
         release.wait(30)
-        return load_models(settings)
+        return loaded_models
 
     live = start_live_server(create_app(test_settings, lambda settings, hooks: EmbeddingService(
         settings, hooks, load=slow_loader)), wait_ready=False)
@@ -201,15 +227,17 @@ def test_ready_names_a_model_folder_as_v1_models_does(tiny_clip_server, tiny_cli
 
 
 @pytest.mark.parametrize("folder_exists", [True, False], ids=["broken folder", "missing folder"])
-def test_a_model_folder_that_cannot_load_is_reported_without_its_path(tmp_path, caplog, folder_exists):
+def test_a_model_folder_that_cannot_load_is_reported_without_its_path(tmp_path, folder_exists):
     # An empty folder fails in the real loader; a missing one is not found. A space must not cut the path short.
     folder = tmp_path / ("our models" if folder_exists else "gone") / "my-clip"
     if folder_exists:
         folder.mkdir(parents=True)
     settings = Settings(api_keys=(TEST_API_KEY,), embedding_model=str(folder), models_dir=str(tmp_path / "baked"))
-    with caplog.at_level(logging.ERROR, logger="service"):
+    with watching_log("service", level=logging.ERROR) as log:
         live = start_live_server(create_app(settings), wait_ready=False)
         assert not wait_for_loading(live.service)[0]
+        # The operator's log keeps the whole reason, paths included (logged once readiness has the reason).
+        log.wait_for(lambda record: str(folder) in record.getMessage())
     try:
         ready = requests.get(live.url + "/health/ready", timeout=5)
         body = ready.json()
@@ -219,8 +247,6 @@ def test_a_model_folder_that_cannot_load_is_reported_without_its_path(tmp_path, 
         assert response.status_code == 503 and "failed to load" in response.json()["error"]
         for text in (ready.text, response.text):
             assert str(tmp_path) not in text and "our models" not in text and "gone" not in text, text
-        # The operator's log keeps the whole reason, paths included.
-        assert any(str(folder) in record.getMessage() for record in caplog.records)
     finally:
         live.stop()
 
@@ -236,21 +262,23 @@ def test_public_messages_keep_names_and_hide_absolute_paths(message, shown):
     assert without_local_paths(message, "/srv/my models/my-clip") == shown
 
 
-def test_a_failing_on_ready_hook_is_logged_and_the_model_serves(test_settings, loaded_models, caplog):
+def test_a_failing_on_ready_hook_is_logged_and_the_model_serves(test_settings, loaded_models):
     hooks = ServiceHooks(on_ready=lambda report: 1 / 0)  # a metrics backend that fails
-    with caplog.at_level(logging.ERROR, logger="service"), \
-            running_service(test_settings, lambda _: loaded_models, hooks) as service:
-        assert service.readiness()[0] and "The on-ready hook failed" in caplog.text
+    with watching_log("service") as log, running_service(test_settings, lambda _: loaded_models, hooks) as service:
+        # The hook is called once the service is ready, on the loading thread: its failure is logged after.
+        failure = log.wait_for(lambda record: "The on-ready hook failed" in record.getMessage())
+        assert failure.levelno == logging.ERROR and failure.exc_info[0] is ZeroDivisionError
+        assert service.readiness()[0]
         assert len(service.embed_texts(["still serving"]).vectors) == 1
 
 
-def test_default_key_logs_a_warning(loaded_service, caplog):
+def test_default_key_logs_a_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="main"):
-        create_app(Settings(), existing(loaded_service))
+        create_app(Settings(), StubService)
     assert any("abc123" in record.getMessage() for record in caplog.records)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="main"):
-        create_app(Settings(api_keys=("secret",)), existing(loaded_service))
+        create_app(Settings(api_keys=("secret",)), StubService)
     assert not caplog.records
 
 

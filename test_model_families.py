@@ -20,17 +20,16 @@ from sentence_transformers import SentenceTransformer
 
 import download_models
 from config import Settings
-from conftest import (TEST_API_KEY, LiveServer, bake_and_export, existing, service_around_model, sharing,
-                      start_live_server)
 from main import create_app
 from manifest import PROBE_TEXTS, Manifest
 from model_loading import LoadedModels, load_models
 from model_locator import baked_model_dir, exported_model_dir
 from self_check import cosine_rows
 from tiny_clip import write_tiny_clip
+from testkit import (AUTH, TEST_API_KEY, LiveServer, bake_and_export, existing, service_around_model, sharing,
+                     start_live_server)
 from tiny_models import FAMILIES, write_bert_cls_normalize, write_modernbert
 
-AUTH = {"X-API-Key": TEST_API_KEY}
 # Within one window, the served vector is the model's own: to the last digits in f32, as the self-check in bf16.
 F32_MIN_COSINE = 0.99999
 BF16_MIN_COSINE = 0.9999

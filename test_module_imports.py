@@ -1,4 +1,5 @@
-"""The project's own modules, read as source: no import cycle, and the image carries what the service imports.
+"""The project's own modules, read as source: no import cycle, no test module importing another, and the image
+carries what the service imports.
 
 Imports are read with ast wherever they stand, so an import deferred into a function (the usual way
 to make a cycle work) counts like one at the top of the module.
@@ -74,6 +75,39 @@ def test_deferred_imports_count(tmp_path):
 def test_no_project_modules_import_each_other():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def is_test_module(name: str) -> bool:
+    return name.startswith("test_")
+
+
+def forbidden_test_imports(modules: dict[str, Path]) -> dict[str, list[str]]:
+    """The modules each test module imports that it must not: another test module, or conftest (whose fixtures
+    pytest hands out). Shared helpers live in testkit.py; conftest.py and testkit.py import no test module, and
+    conftest.py no tool (the benchmark, the soak)."""
+    tests = {name for name in modules if is_test_module(name)}
+    forbidden = {name: tests | {"conftest"} for name in tests}
+    forbidden["testkit"] = tests | {"conftest", "benchmark_embeddings", "soak_embeddings"}
+    forbidden["conftest"] = tests | {"benchmark_embeddings", "soak_embeddings"}
+    found = {name: sorted((imported_names(modules[name]) & not_allowed) - {name})
+             for name, not_allowed in forbidden.items() if name in modules}
+    return {name: imported for name, imported in found.items() if imported}
+
+
+def test_the_test_import_check_finds_test_modules_importing_each_other(tmp_path):
+    sources = {"test_a.py": "from test_b import helper\n", "test_b.py": "def helper():\n    import conftest\n",
+               "test_c.py": "from testkit import helper\n", "testkit.py": "import json\n",
+               "conftest.py": "from benchmark_embeddings import free_port\n"}
+    for name, source in sources.items():
+        (tmp_path / name).write_text(source)
+    modules = {path.name.removesuffix(".py"): path for path in tmp_path.glob("*.py")}
+    assert forbidden_test_imports(modules) == {"test_a": ["test_b"], "test_b": ["conftest"],
+                                               "conftest": ["benchmark_embeddings"]}
+
+
+def test_no_test_module_imports_another_or_conftest():
+    forbidden = forbidden_test_imports(project_modules())
+    assert forbidden == {}, f"import shared helpers from testkit.py instead: {forbidden}"
 
 
 def runtime_stage_files(dockerfile: Path) -> set[str]:

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible routes, called with the official openai client on a real server."""
+"""The OpenAI-compatible routes: called with the official openai client on a real server, and, for how
+requests are read, validated and refused, against the app on a stand-in service (no model, no socket)."""
 from __future__ import annotations
 
 import base64
@@ -10,24 +11,23 @@ import pytest
 import requests
 
 from batcher import QueueFullError
-from conftest import (SAME_ENGINE_MIN_COSINE, TEST_API_KEY, NeverLoads, assert_same_vectors, start_live_server,
-                      wait_for_loading)
+from config import Settings
 from main import create_app
 from service import EmbeddingService
+from testkit import (AUTH, MODEL, SAME_ENGINE_MIN_COSINE, TEST_API_KEY, NeverLoads, app_without_model,
+                     assert_envelope, assert_same_vectors, openai_client, post, post_v1, wait_for_loading)
 
-MODEL = "all-MiniLM-L6-v2"
-AUTH = {"X-API-Key": TEST_API_KEY}
 LONG_TEXT = " ".join(f"Sentence number {n} talks about rivers, mountains and the sea." for n in range(60))
 
 
 @pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=TEST_API_KEY, max_retries=0)
+    return openai_client(server)
 
 
 def rest_vectors(server, texts: list[str]) -> np.ndarray:
     """The vectors the service's own /embeddings/batch route gives for these texts."""
-    answer = requests.post(server.url + "/embeddings/batch", json={"texts": texts}, headers=AUTH, timeout=60)
+    answer = post(server, "/embeddings/batch", {"texts": texts})
     assert answer.status_code == 200, answer.text
     return np.array([wrapped[0] for wrapped in answer.json()["embeddings"]], dtype=np.float32)
 
@@ -69,10 +69,8 @@ def test_list_input_in_float_format_equals_the_batch_route(server, client, text_
 
 def test_base64_and_float_formats_carry_the_same_vectors(server):
     body = {"model": MODEL, "input": ["one text", "another"]}
-    as_float = requests.post(server.url + "/v1/embeddings", json={**body, "encoding_format": "float"},
-                             headers=AUTH, timeout=60).json()
-    as_base64 = requests.post(server.url + "/v1/embeddings", json={**body, "encoding_format": "base64"},
-                              headers=AUTH, timeout=60).json()
+    as_float = post_v1(server, {**body, "encoding_format": "float"}).json()
+    as_base64 = post_v1(server, {**body, "encoding_format": "base64"}).json()
     for float_item, base64_item in zip(as_float["data"], as_base64["data"]):
         decoded = np.frombuffer(base64.b64decode(base64_item["embedding"]), dtype="<f4")
         np.testing.assert_array_equal(decoded, np.array(float_item["embedding"], dtype=np.float32))
@@ -122,56 +120,46 @@ def test_models_lists_the_served_model(server, client):
     assert raw["data"][0]["max_sequence_length"] == 256
 
 
-def test_client_surfaces_the_error_envelope(server):
+def test_client_surfaces_the_error_envelope(server, client):
     wrong_key = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as unauthorised:
         wrong_key.embeddings.create(model=MODEL, input="hi")
     assert unauthorised.value.code == "invalid_api_key"
-    right_key = openai.OpenAI(base_url=server.url + "/v1", api_key=TEST_API_KEY, max_retries=0)
     with pytest.raises(openai.NotFoundError) as unknown:
-        right_key.embeddings.create(model="text-embedding-3-small", input="hi")
+        client.embeddings.create(model="text-embedding-3-small", input="hi")
     assert unknown.value.code == "model_not_found"
     assert "all-MiniLM-L6-v2" in unknown.value.message
+    with pytest.raises(openai.BadRequestError) as invalid:
+        client.embeddings.create(model=MODEL, input=["ok", ""])
+    assert invalid.value.body == {"message": "input[1] is empty: send some text to embed",
+                                  "type": "invalid_request_error", "param": "input", "code": None}
 
 
-# --- bearer auth on every protected route ---------------------------------
+# --- bearer auth on every protected route: the app on a stand-in service ------------------------
 
 @pytest.mark.parametrize("path, body", [("/embeddings", {"text": "hi"}), ("/embeddings/batch", {"texts": ["hi"]}),
                                         ("/v1/embeddings", {"model": MODEL, "input": "hi"})])
-def test_bearer_token_is_accepted_alongside_x_api_key(server, path, body):
-    def post(headers):
-        return requests.post(server.url + path, json=body, headers=headers, timeout=30).status_code
+def test_bearer_token_is_accepted_alongside_x_api_key(path, body):
+    app = app_without_model(refuse_model_calls=False)
 
-    assert post({"Authorization": f"Bearer {TEST_API_KEY}"}) == 200
-    assert post({"authorization": f"bearer {TEST_API_KEY}"}) == 200
-    assert post({"X-API-Key": TEST_API_KEY}) == 200
-    assert post({"Authorization": "Bearer wrong"}) == 401
-    assert post({"Authorization": f"Basic {TEST_API_KEY}"}) == 401
-    assert post({}) == 401
+    def status_with(headers):
+        return app.post(path, body, headers=headers).status_code
+
+    assert status_with({"Authorization": f"Bearer {TEST_API_KEY}"}) == 200
+    assert status_with({"authorization": f"bearer {TEST_API_KEY}"}) == 200
+    assert status_with({"X-API-Key": TEST_API_KEY}) == 200
+    assert status_with({"Authorization": "Bearer wrong"}) == 401
+    assert status_with({"Authorization": f"Basic {TEST_API_KEY}"}) == 401
+    assert status_with({}) == 401
 
 
-def test_other_routes_keep_their_plain_error_shape(server):
-    answer = requests.post(server.url + "/embeddings", json={"text": "hi"}, timeout=10)
+def test_other_routes_keep_their_plain_error_shape():
+    answer = app_without_model().post("/embeddings", {"text": "hi"}, headers={})
     assert answer.status_code == 401
-    assert isinstance(answer.json()["error"], str)
+    assert isinstance(answer.get_json()["error"], str)
 
 
-# --- the error envelope, case by case ----------------------------------------
-
-def assert_envelope(answer, status: int, param: str | None = None, code: str | None = None, says: str = ""):
-    assert answer.status_code == status, answer.text
-    error = answer.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert error["type"] == ("server_error" if status in (429, 500, 503) else "invalid_request_error")
-    assert error["param"] == param
-    assert error["code"] == code
-    assert says.lower() in error["message"].lower()
-    return error
-
-
-def post_v1(server, body=None, headers=AUTH, data=None):
-    return requests.post(server.url + "/v1/embeddings", json=body, data=data, headers=headers, timeout=30)
-
+# --- the error envelope, case by case: the app on a stand-in service ----------------------------
 
 INVALID_BODIES = [
     ({"model": MODEL}, "input", "missing field 'input'"),
@@ -206,39 +194,89 @@ INVALID_BODIES = [
 
 
 @pytest.mark.parametrize("body, param, says", INVALID_BODIES)
-def test_invalid_request_fields_are_400_naming_the_field(server, body, param, says):
-    assert_envelope(post_v1(server, body), 400, param, None, says)
+def test_invalid_request_fields_are_400_naming_the_field(body, param, says):
+    assert_envelope(app_without_model().post("/v1/embeddings", body), 400, param, None, says)
+
+
+@pytest.mark.parametrize("body", [{"input": ["ok", ""], "model": MODEL}, {"input": [[5, 1.5]], "model": MODEL},
+                                  {"input": "hi", "model": MODEL, "dimensions": 385}],
+                         ids=["empty text", "not a token id", "too many dimensions"])
+def test_an_invalid_request_to_a_real_server_is_answered_as_without_a_model(server, body):
+    """End to end on the real model: the same answer as the app on the stand-in service gives."""
+    real = post_v1(server, body)
+    without_model = app_without_model().post("/v1/embeddings", body)
+    assert (real.status_code, real.json()) == (without_model.status_code, without_model.get_json())
+    assert real.status_code == 400
 
 
 @pytest.mark.parametrize("data, says", [(b"", "body is empty"), (b"{not json", "not valid JSON"),
                                         (b"[1, 2]", "must be a JSON object, got an array"),
                                         (b"{\"input\": \"\xff\"}", "not valid UTF-8")])
-def test_unreadable_bodies_are_400(server, data, says):
-    assert_envelope(post_v1(server, data=data, headers={**AUTH, "Content-Type": "application/json"}), 400,
-                    None, None, says)
+def test_unreadable_bodies_are_400(data, says):
+    answer = app_without_model().post("/v1/embeddings", data=data, headers={**AUTH, "Content-Type": "application/json"})
+    assert_envelope(answer, 400, None, None, says)
 
 
 @pytest.mark.parametrize("headers", [{}, {"X-API-Key": "wrong"}, {"Authorization": "Bearer wrong"}])
-def test_unauthorised_is_401(server, headers):
-    assert_envelope(post_v1(server, {"model": MODEL, "input": "hi"}, headers), 401, None, "invalid_api_key",
-                    "Authorization: Bearer")
-    models = requests.get(server.url + "/v1/models", headers=headers, timeout=10)
-    assert_envelope(models, 401, None, "invalid_api_key")
+def test_unauthorised_is_401(headers):
+    app = app_without_model()
+    assert_envelope(app.post("/v1/embeddings", {"model": MODEL, "input": "hi"}, headers=headers), 401, None,
+                    "invalid_api_key", "Authorization: Bearer")
+    assert_envelope(app.get("/v1/models", headers=headers), 401, None, "invalid_api_key")
 
 
-def test_unknown_model_is_404_model_not_found(server):
-    assert_envelope(post_v1(server, {"model": "text-embedding-3-small", "input": "hi"}), 404, "model",
-                    "model_not_found", "'text-embedding-3-small' does not exist")
+def test_unknown_model_is_404_model_not_found():
+    assert_envelope(app_without_model().post("/v1/embeddings", {"model": "text-embedding-3-small", "input": "hi"}),
+                    404, "model", "model_not_found", "'text-embedding-3-small' does not exist")
 
 
-def test_unknown_route_and_wrong_method_under_v1(server):
-    assert_envelope(requests.post(server.url + "/v1/completions", json={}, headers=AUTH, timeout=10), 404,
-                    None, "not_found", "no route /v1/completions")
-    assert_envelope(requests.get(server.url + "/v1", timeout=10), 404, None, "not_found")
-    wrong_method = requests.get(server.url + "/v1/embeddings", headers=AUTH, timeout=10)
+def test_unknown_route_and_wrong_method_under_v1():
+    app = app_without_model()
+    assert_envelope(app.post("/v1/completions", {}), 404, None, "not_found", "no route /v1/completions")
+    assert_envelope(app.get("/v1", headers={}), 404, None, "not_found")
+    wrong_method = app.get("/v1/embeddings")
     assert_envelope(wrong_method, 405, None, "method_not_allowed", "GET is not allowed")
     assert "POST" in wrong_method.headers["Allow"]
 
+
+def test_queue_full_is_429_with_retry_after():
+    overload = QueueFullError("30000 tokens of work from 12 requests already wait for the model", retry_after=7)
+    answer = app_without_model(fail_with=overload).post("/v1/embeddings", {"model": MODEL, "input": "hi"})
+    assert_envelope(answer, 429, None, "server_busy", "busy")
+    assert answer.headers["Retry-After"] == "7"
+
+
+def test_unexpected_failure_is_500_in_the_envelope():
+    app = app_without_model(fail_with=RuntimeError("disk on fire"))
+    error = assert_envelope(app.post("/v1/embeddings", {"model": MODEL, "input": "hi"}), 500, None, "internal_error",
+                            "internal error")
+    assert "disk on fire" not in error["message"]
+
+
+def failing_to_load(settings, hooks) -> EmbeddingService:
+    def fail_to_load(settings):
+        raise OSError("weights file is corrupt")
+
+    return EmbeddingService(settings, hooks, load=fail_to_load)
+
+
+def test_model_that_failed_to_load_is_503():
+    app = create_app(Settings(api_keys=(TEST_API_KEY,)), failing_to_load)
+    assert not wait_for_loading(app.extensions["embedding_service"])[0]
+    client = app.test_client()
+    assert_envelope(client.post("/v1/embeddings", json={"model": MODEL, "input": "hi"}, headers=AUTH), 503, None,
+                    "model_load_failed", "weights file is corrupt")
+    assert_envelope(client.get("/v1/models", headers=AUTH), 503, None, "model_load_failed")
+
+
+def test_model_still_loading_is_503_with_retry_after():
+    client = create_app(Settings(api_keys=(TEST_API_KEY,)), NeverLoads).test_client()
+    answer = client.post("/v1/embeddings", json={"model": MODEL, "input": [101, 102]}, headers=AUTH)
+    assert_envelope(answer, 503, None, "model_loading", "still loading")
+    assert answer.headers["Retry-After"] == "5"
+
+
+# --- limits, on the real model ---------------------------------------------------------------
 
 def test_limits_match_the_other_routes(server_with, text_embedder):
     limited = server_with(max_texts_per_batch=3, max_text_length=50, max_tokens_per_text=50, max_request_size=2000)
@@ -256,35 +294,6 @@ def test_limits_match_the_other_routes(server_with, text_embedder):
     assert post_v1(limited, {"model": MODEL, "input": [1000] * 50}).status_code == 200
 
 
-def failing_to_load(settings, hooks) -> EmbeddingService:
-    def fail_to_load(settings):
-        raise OSError("weights file is corrupt")
-
-    return EmbeddingService(settings, hooks, load=fail_to_load)
-
-
-def test_model_that_failed_to_load_is_503(test_settings):
-    live = start_live_server(create_app(test_settings, failing_to_load), wait_ready=False)
-    assert not wait_for_loading(live.service)[0]
-    try:
-        assert_envelope(post_v1(live, {"model": MODEL, "input": "hi"}), 503, None, "model_load_failed",
-                        "weights file is corrupt")
-        assert_envelope(requests.get(live.url + "/v1/models", headers=AUTH, timeout=10), 503, None,
-                        "model_load_failed")
-    finally:
-        live.stop()
-
-
-def test_model_still_loading_is_503_with_retry_after(test_settings):
-    live = start_live_server(create_app(test_settings, NeverLoads), wait_ready=False)
-    try:
-        answer = post_v1(live, {"model": MODEL, "input": [101, 102]})
-        assert_envelope(answer, 503, None, "model_loading", "still loading")
-        assert answer.headers["Retry-After"] == "5"
-    finally:
-        live.stop()
-
-
 def test_a_model_served_from_a_folder_is_named_by_the_folder_not_its_path(server_with, tmp_path):
     folder = tmp_path / "my-finetuned-model"
     folder.mkdir()
@@ -296,23 +305,3 @@ def test_a_model_served_from_a_folder_is_named_by_the_folder_not_its_path(server
         assert answer.status_code == 200 and answer.json()["model"] == "my-finetuned-model"
     assert_envelope(post_v1(live, {"model": MODEL, "input": "hi"}), 404, "model", "model_not_found",
                     "serves 'my-finetuned-model'")
-
-
-def test_queue_full_is_429_with_retry_after(server, monkeypatch):
-    def refuse(windows):
-        raise QueueFullError("30000 tokens of work from 12 requests already wait for the model", retry_after=7)
-
-    monkeypatch.setattr(server.service._batcher, "encode", refuse)  # inject the overload
-    answer = post_v1(server, {"model": MODEL, "input": "hi"})
-    assert_envelope(answer, 429, None, "server_busy", "busy")
-    assert answer.headers["Retry-After"] == "7"
-
-
-def test_unexpected_failure_is_500_in_the_envelope(server, monkeypatch):
-    def break_down(texts):
-        raise RuntimeError("disk on fire")
-
-    monkeypatch.setattr(server.service, "embed_texts", break_down)  # inject a failure
-    error = assert_envelope(post_v1(server, {"model": MODEL, "input": "hi"}), 500, None, "internal_error",
-                            "internal error")
-    assert "disk on fire" not in error["message"]

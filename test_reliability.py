@@ -1,7 +1,7 @@
 """Faults and overload against gunicorn itself: killed workers, SIGTERM, more work than the queue holds.
 
 A fault is injected only once the server has said the request is in a worker (its 100 Continue,
-see conftest.start_request); no test sleeps to let something happen or asserts a time.
+see testkit.start_request); no test sleeps to let something happen or asserts a time.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import psutil
 import pytest
 import requests
 
-from conftest import SAME_ENGINE_MIN_COSINE, assert_same_vectors, read_answer, start_gunicorn, start_request
+from testkit import SAME_ENGINE_MIN_COSINE, assert_same_vectors, read_answer, start_gunicorn, start_request
 
 KEY = "reliability-key"
 AUTH = {"X-API-Key": KEY}

@@ -6,7 +6,6 @@ own tokenizer.
 """
 from __future__ import annotations
 
-import base64
 import itertools
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -17,13 +16,10 @@ import requests
 from PIL import Image
 
 from batcher import Batcher, BatchLimits
-from config import SettingsError, load_settings
-from conftest import SAME_ENGINE_MIN_COSINE, TEST_API_KEY, assert_same_vectors
-from test_batcher import PATIENCE, GatedEncoder, windows_of
-from test_image_embeddings import encoded
+from config import load_settings
+from testkit import (AUTH, MODEL, PATIENCE, SAME_ENGINE_MIN_COSINE, GatedEncoder, assert_same_vectors, b64, encoded,
+                     error_of, openai_client, post, windows_of)
 
-MODEL = "all-MiniLM-L6-v2"
-AUTH = {"X-API-Key": TEST_API_KEY}
 SENTENCES = [
     "The river carries water from the mountains down to the sea, and towns grow along its banks.",
     "In spring the snow melts, the current quickens, and farmers watch their fields for floods.",
@@ -32,7 +28,7 @@ SENTENCES = [
     "Today cyclists follow the old towpath, and herons fish in the quiet water below the weir.",
     "A museum by the harbour tells how the trade in salt and grain made the city rich.",
 ]
-RED_SQUARE = "data:image/png;base64," + base64.b64encode(encoded(Image.new("RGB", (24, 24), "red"))).decode()
+RED_SQUARE = "data:image/png;base64," + b64(encoded(Image.new("RGB", (24, 24), "red")))
 # A token id of the bundled model's vocabulary ("world").
 WORLD = 2088
 
@@ -52,22 +48,9 @@ def token_count(tokenizer, text: str) -> int:
     return len(tokenizer.token_ids([text])[0])
 
 
-def post(server, path: str, body) -> requests.Response:
-    return requests.post(server.url + path, json=body, headers=AUTH, timeout=120)
-
-
-def error_of(response: requests.Response, status: int) -> str:
-    assert response.status_code == status, response.text
-    return response.json()["error"]
-
-
 @pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=TEST_API_KEY, max_retries=0)
-
-
-def client_of(live) -> openai.OpenAI:
-    return openai.OpenAI(base_url=live.url + "/v1", api_key=TEST_API_KEY, max_retries=0)
+    return openai_client(server)
 
 
 # --- limits in tokens --------------------------------------------------------------
@@ -107,7 +90,7 @@ def test_token_ids_are_held_to_the_token_limit_not_a_character_limit(server, ser
         client.embeddings.create(model=MODEL, input=[[WORLD] * 3, [WORLD] * 8193])
     assert refused_in_list.value.body["message"].startswith("input[1] has 8193 tokens")
     # The character guard is for text: 300 token ids pass a 100-character guard.
-    guarded = client_of(server_with(max_text_length=100))
+    guarded = openai_client(server_with(max_text_length=100))
     assert len(guarded.embeddings.create(model=MODEL, input=[WORLD] * 300).data) == 1
 
 
@@ -151,7 +134,7 @@ def test_a_request_within_the_token_total_is_served_on_an_idle_server(server, te
 def test_a_largest_request_joins_a_queue_that_already_holds_other_work(text_embedder):
     """With the default settings a request at MAX_TOKENS_PER_REQUEST is not refused for a short query's sake."""
     defaults = load_settings({})
-    limits = BatchLimits(max_tokens=defaults.batch_max_tokens, max_wait=defaults.batch_wait_ms / 1000,
+    limits = BatchLimits(max_tokens=defaults.batch_max_tokens, batching=defaults.batching,
                          queue_max_tokens=defaults.queue_max_tokens, request_timeout=PATIENCE)
     encoder = GatedEncoder(text_embedder)
     batcher = Batcher(encoder, text_embedder.tokens_per_window, limits)
@@ -200,10 +183,10 @@ def test_v1_takes_no_more_images_than_the_image_batch_route(clip_server_with, ti
     message = error_of(post(live, "/embeddings/image/batch", {"images": [RED_SQUARE] * 3}), 400)
     assert message == "images has 3 images; the limit is 2 (MAX_IMAGES_PER_BATCH)"
     with pytest.raises(openai.BadRequestError) as refused:
-        client_of(live).embeddings.create(model=model, input=[RED_SQUARE, "a red square", RED_SQUARE, RED_SQUARE])
+        openai_client(live).embeddings.create(model=model, input=[RED_SQUARE, "a red square", RED_SQUARE, RED_SQUARE])
     assert refused.value.body["message"] == "input has 3 images; the limit is 2 (MAX_IMAGES_PER_BATCH)"
     assert refused.value.param == "input"
-    served = client_of(live).embeddings.create(model=model, input=[RED_SQUARE, "a red square", RED_SQUARE])
+    served = openai_client(live).embeddings.create(model=model, input=[RED_SQUARE, "a red square", RED_SQUARE])
     assert len(served.data) == 3
 
 
@@ -211,7 +194,7 @@ def test_v1_names_a_long_text_by_its_place_among_images(tiny_clip_server, tiny_c
     tokenizer = tiny_clip_models.text.tokenizer
     document = english_document(tokenizer, 9000)
     with pytest.raises(openai.APIStatusError) as refused:
-        client_of(tiny_clip_server).embeddings.create(
+        openai_client(tiny_clip_server).embeddings.create(
             model=tiny_clip_settings.embedding_model, input=[RED_SQUARE, "a red square", RED_SQUARE, document])
     assert refused.value.status_code == 413
     tokens = token_count(tokenizer, document)
@@ -232,39 +215,9 @@ def test_a_text_only_model_answers_images_with_400_on_both_apis(server_with, tmp
         assert message.startswith("The model 'my-text-model' embeds text only"), message
         assert "set EMBEDDING_MODEL to a multimodal CLIP model" in message
     with pytest.raises(openai.BadRequestError) as refused:
-        client_of(live).embeddings.create(model="my-text-model", input=["a red square", RED_SQUARE])
+        openai_client(live).embeddings.create(model="my-text-model", input=["a red square", RED_SQUARE])
     message = refused.value.body["message"]
     assert message.startswith("input[1] is an image, but the model 'my-text-model' embeds text only"), message
     assert "set EMBEDDING_MODEL to a multimodal CLIP model" in message
     for text in [answer.text for answer in answers] + [refused.value.response.text]:
         assert str(tmp_path) not in text and "models on this machine" not in text
-
-
-# --- the settings ----------------------------------------------------------------
-
-def test_token_limits_have_their_documented_defaults():
-    settings = load_settings({})
-    assert (settings.max_tokens_per_text, settings.max_tokens_per_request) == (8192, 32768)
-    assert (settings.max_text_length, settings.queue_max_tokens) == (262_144, 65_536)
-
-
-@pytest.mark.parametrize("name, value", [("MAX_TOKENS_PER_TEXT", "0"), ("MAX_TOKENS_PER_REQUEST", "many")])
-def test_bad_token_limits_name_the_variable(name, value):
-    with pytest.raises(SettingsError, match=name):
-        load_settings({name: value})
-
-
-@pytest.mark.parametrize("environ, words", [
-    ({"MAX_TOKENS_PER_TEXT": "40000"}, "MAX_TOKENS_PER_TEXT must be at most MAX_TOKENS_PER_REQUEST (32768)"),
-    ({"QUEUE_MAX_TOKENS": "10000"}, "MAX_TOKENS_PER_REQUEST must be at most QUEUE_MAX_TOKENS (10000)"),
-])
-def test_limits_that_could_never_be_met_stop_start_up(environ, words):
-    with pytest.raises(SettingsError, match=words.replace("(", r"\(").replace(")", r"\)")):
-        load_settings(environ)
-
-
-def test_smaller_limits_fit_together():
-    settings = load_settings({"MAX_TOKENS_PER_TEXT": "500", "MAX_TOKENS_PER_REQUEST": "1000",
-                              "QUEUE_MAX_TOKENS": "1000"})
-    assert (settings.max_tokens_per_text, settings.max_tokens_per_request, settings.queue_max_tokens) == (
-        500, 1000, 1000)

@@ -14,10 +14,9 @@ from huggingface_hub.errors import HfHubHTTPError
 from llama_index.embeddings.text_embeddings_inference import TextEmbeddingsInference
 
 from batcher import QueueFullError
-from conftest import TEST_API_KEY, NeverLoads, start_live_server
 from main import create_app
+from testkit import MODEL, TEST_API_KEY, NeverLoads, start_live_server
 
-MODEL = "all-MiniLM-L6-v2"
 BEARER = {"Authorization": f"Bearer {TEST_API_KEY}"}
 TEXTS = ["The cat sleeps on the sofa.", "Interest rates went up again.", "Zürich ist schön im Frühling."]
 LONG_TEXT = " ".join(f"Sentence number {n} talks about rivers, mountains and the sea." for n in range(60))

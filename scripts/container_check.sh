@@ -250,7 +250,7 @@ report_container() {
         echo "the container logged errors (above)" >&2
         return 1
     fi
-    if podman exec "$CONTAINER" ls /app | grep -E '^(test_.*|conftest|benchmark_.*|soak_.*|tiny_clip|download_models|model_export)\.py$'; then
+    if podman exec "$CONTAINER" ls /app | grep -E '^(test_.*|conftest|testkit|benchmark_.*|soak_.*|tiny_clip|download_models|model_export)\.py$'; then
         echo "modules that are not the service's were copied into the image (above): check the Dockerfile" >&2
         return 1
     fi
