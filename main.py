@@ -194,8 +194,8 @@ def create_app(app_settings: Settings | None = None, make_service: ServiceFactor
     `make_service` builds the embedding service from the settings and the hooks the app wants called
     (tests pass one that reuses a model already loaded, or a stand-in).
     """
+    observability.configure_logging()  # first: reading the settings may log where models are looked for
     app_settings = app_settings or load_settings()
-    observability.configure_logging()
     if app_settings.uses_default_api_key:
         logger.warning("VECTOR_EMBEDDER_API_KEY is not set: the service accepts the documented default "
                        "key 'abc123'. Set your own key before exposing the service.")

@@ -59,6 +59,21 @@ def test_gunicorn_serves_the_torch_engine_when_asked(tmp_path, models_dir, refer
         server.stop()
 
 
+@pytest.mark.skipif(Path("/models").is_dir(), reason="this machine has the image's /models folder")
+def test_gunicorn_started_by_hand_after_make_run_finds_its_models(tmp_path, models_dir, reference_model):
+    # `make run` bakes and exports into ./models; a user then starts gunicorn in the checkout without MODELS_DIR.
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    (checkout / "models").symlink_to(models_dir)
+    server = start_gunicorn(tmp_path, None, cwd=checkout, VECTOR_EMBEDDER_API_KEY="k")
+    try:
+        server.wait_until_ready()
+        assert_same_vectors(embed_one_and_two(server, "k"), reference_model.encode(["one", "two"]))
+    finally:
+        server.stop()
+    assert f"/models does not exist: looking for models in {checkout / 'models'}" in server.output()
+
+
 def test_gunicorn_rejects_the_default_key_when_another_is_set(gunicorn_server):
     response = requests.post(gunicorn_server.url + "/embeddings", json={"text": "x"},
                              headers={"X-API-Key": "abc123"}, timeout=10)

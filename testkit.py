@@ -434,18 +434,23 @@ class GunicornServer:
         return self.process.returncode
 
 
-def start_gunicorn(log_dir: Path, models_dir: Path, *arguments: str, **env_changes: str) -> GunicornServer:
-    """gunicorn with the project's gunicorn.conf.py on a free loopback port, serving models_dir's exports.
+def start_gunicorn(log_dir: Path, models_dir: Path | None, *arguments: str, cwd: Path = HERE,
+                   **env_changes: str) -> GunicornServer:
+    """gunicorn with the project's gunicorn.conf.py on a free loopback port, serving models_dir's exports (with
+    None, MODELS_DIR is left unset, as by a user who starts gunicorn by hand in `cwd`).
 
     Output goes to a file. `arguments` are more gunicorn command-line flags, such as ("-w", "1").
     """
     port = free_port()
-    env = {**os.environ, "PORT": str(port), "MODELS_DIR": str(models_dir), **env_changes}
+    env = {**os.environ, "PORT": str(port), "PYTHONPATH": str(HERE), **env_changes}
+    env.pop("MODELS_DIR", None)
+    if models_dir is not None:
+        env["MODELS_DIR"] = str(models_dir)
     log_path = log_dir / f"gunicorn-{port}.log"
-    command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{port}",
-               *arguments, "main:create_app()"]
+    command = [sys.executable, "-m", "gunicorn", "-c", str(HERE / "gunicorn.conf.py"), "--bind",
+               f"127.0.0.1:{port}", *arguments, "main:create_app()"]
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, cwd=HERE, env=env, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
     return GunicornServer(f"http://127.0.0.1:{port}", process, log_path)
 
 
