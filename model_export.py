@@ -189,27 +189,29 @@ def _baked_files(folder: Path) -> dict[str, str]:
 
 def _probe_texts(model: SentenceTransformer, reference, transformers_tokenizer) -> list[ProbeText]:
     """Every probe text as the model reads it by default, then a few after each of its prompts."""
-    probes = [_probe_text(model, reference, transformers_tokenizer, name, text, None)
-              for name, text in PROBE_TEXTS.items()]
+    probes = _probe_group(model, reference, transformers_tokenizer, dict(PROBE_TEXTS), None)
     for prompt_name, prompt in sorted(reference.text.prompts.texts.items()):
         if prompt:  # an empty prompt reads texts as they are: the probes above
-            probes += [_probe_text(model, reference, transformers_tokenizer, f"{name} after prompt {prompt_name!r}",
-                                   PROBE_TEXTS[name], prompt_name) for name in PROMPTED_PROBES]
+            named = {f"{name} after prompt {prompt_name!r}": PROBE_TEXTS[name] for name in PROMPTED_PROBES}
+            probes += _probe_group(model, reference, transformers_tokenizer, named, prompt_name)
     return probes
 
 
-def _probe_text(model: SentenceTransformer, reference, transformers_tokenizer, name: str, text: str,
-                prompt_name: str | None) -> ProbeText:
-    """A probe with its reference vector: the model's own encode() where the text fits in one window, so the
-    check compares with the model itself; for a longer text (encode() would cut it), the torch model through
-    the service's windows and average."""
-    [tokenized] = reference.text.tokenize([text], prompt_name)
-    if len(tokenized.windows) == 1:
-        vector = model.encode([text], prompt_name=prompt_name, convert_to_numpy=True, show_progress_bar=False)[0]
-    else:
-        vector = reference.text.embed([text], prompt_name)[0]
-    token_ids = list(transformers_tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-    return ProbeText(name, text, token_ids, np.asarray(vector, dtype=np.float32).tolist(), prompt_name)
+def _probe_group(model: SentenceTransformer, reference, transformers_tokenizer, texts: dict[str, str],
+                 prompt_name: str | None) -> list[ProbeText]:
+    """Probes with their reference vectors: the model's own encode() for the texts that fit in one window, so
+    the check compares with the model itself; for a longer text (encode() would cut it), the torch model
+    through the service's windows and average."""
+    tokenized = reference.text.tokenize(list(texts.values()), prompt_name)
+    one_window = [text for text, windows in zip(texts.values(), tokenized) if len(windows.windows) == 1]
+    encoded = dict(zip(one_window, model.encode(one_window, prompt_name=prompt_name, convert_to_numpy=True,
+                                                show_progress_bar=False)))
+    probes = []
+    for name, text in texts.items():
+        vector = encoded[text] if text in encoded else reference.text.embed([text], prompt_name)[0]
+        token_ids = list(transformers_tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        probes.append(ProbeText(name, text, token_ids, np.asarray(vector, dtype=np.float32).tolist(), prompt_name))
+    return probes
 
 
 def _probe_images(model: SentenceTransformer, target: Path) -> list[ProbeImage]:

@@ -25,10 +25,9 @@ from manifest import PROBE_TEXTS, Manifest
 from model_loading import LoadedModels, load_models
 from model_locator import baked_model_dir, exported_model_dir
 from self_check import cosine_rows
-from tiny_clip import write_tiny_clip
 from testkit import (AUTH, TEST_API_KEY, LiveServer, bake_and_export, existing, service_around_model, sharing,
                      start_live_server)
-from tiny_models import FAMILIES, write_bert_cls_normalize, write_modernbert
+from tiny_models import FAMILIES, write_bert_cls_normalize
 
 # Within one window, the served vector is the model's own: to the last digits in f32, as the self-check in bf16.
 F32_MIN_COSINE = 0.99999
@@ -59,16 +58,16 @@ class ServedFamily:
             words = words[:len(words) * 9 // 10]
 
 
-def build(name: str, folder: Path) -> Path:
-    return write_tiny_clip(folder) if name == "clip" else FAMILIES[name](folder)
-
-
 @pytest.fixture(scope="module", params=[*FAMILIES, "clip"])
 def family(request, tmp_path_factory, models_dir) -> ServedFamily:
-    folder = build(request.param, tmp_path_factory.mktemp(request.param) / request.param)
-    settings = Settings(api_keys=(TEST_API_KEY,), embedding_model=str(folder), models_dir=str(models_dir))
-    bake_and_export(settings)  # exported and proven by the self-check, as `make run` does
-    models = load_models(settings)
+    if request.param == "clip":  # the session's tiny CLIP, built and exported the same way
+        settings, models = request.getfixturevalue("tiny_clip_settings"), request.getfixturevalue("tiny_clip_models")
+        folder = Path(settings.embedding_model)
+    else:
+        folder = FAMILIES[request.param](tmp_path_factory.mktemp(request.param) / request.param)
+        settings = Settings(api_keys=(TEST_API_KEY,), embedding_model=str(folder), models_dir=str(models_dir))
+        bake_and_export(settings)  # exported and proven by the self-check, as `make run` does
+        models = load_models(settings)
     live = start_live_server(create_app(settings, sharing(models)))
     yield ServedFamily(request.param, settings, models, SentenceTransformer(str(folder), device="cpu"), live)
     live.stop()
@@ -207,14 +206,11 @@ def text_of_tokens(text_embedder, tokens: int) -> str:
     return " ".join(words[:fits])
 
 
-def test_an_8000_token_text_is_one_window_of_a_long_context_model(tmp_path, models_dir):
-    # One attention head keeps the 8,000 x 8,000 attention of the test small; local and global layers both run.
-    folder = write_modernbert(tmp_path / "modernbert-long", layers=3, hidden=64, heads=1)
-    settings = Settings(api_keys=(TEST_API_KEY,), embedding_model=str(folder), models_dir=str(models_dir),
-                        max_window_tokens=8192)
-    bake_and_export(settings)
+def test_an_8000_token_text_is_one_window_of_a_long_context_model(family):
+    only(family, "modernbert")
+    settings = replace(family.settings, max_window_tokens=8192)
     models = load_models(settings)
-    assert models.text.max_seq_length == 8192
+    assert (family.models.text.max_seq_length, models.text.max_seq_length) == (Settings().max_window_tokens, 8192)
     text = text_of_tokens(models.text, 8000)
     [tokenized] = models.text.tokenize([text])
     assert len(tokenized.windows) == 1 and 7990 <= tokenized.token_count <= 8000
@@ -226,12 +222,13 @@ def test_an_8000_token_text_is_one_window_of_a_long_context_model(tmp_path, mode
         live.stop()
         live.service.stop()
     assert answer.status_code == 200, answer.text
-    reference = SentenceTransformer(str(folder), device="cpu").encode([text])
-    assert cosine_rows(np.array(answer.json()["embeddings"], dtype=np.float64), reference)[0] >= 0.9999
+    # One pass over all 8,000 tokens, local and global attention layers alike: the model's own vector.
+    assert cosine_rows(np.array(answer.json()["embeddings"], dtype=np.float64), family.reference.encode([text]))[0] \
+        >= 0.9999
     assert listed["max_sequence_length"] == 8192
     # By default the window is capped (MAX_WINDOW_TOKENS), and the cap is what /v1/models reports.
-    capped = load_models(replace(settings, max_window_tokens=Settings().max_window_tokens))
-    assert capped.text.max_seq_length == Settings().max_window_tokens < 8192
+    default = requests.get(family.live.url + "/v1/models", headers=AUTH, timeout=10).json()["data"][0]
+    assert default["max_sequence_length"] == Settings().max_window_tokens < 8192
 
 
 # --- exports that follow their source ---------------------------------------------------
