@@ -6,6 +6,7 @@
 #   docker build -t vector-embedder .
 #   docker build --build-arg EMBEDDING_MODEL=clip-ViT-L-14 --build-arg TOKENIZER_MODEL= -t vector-embedder:clip .
 #   docker build --build-arg ENGINE=torch -t vector-embedder:torch .     (a model OpenVINO cannot serve)
+#   docker build --build-arg ENGINE_PRECISION=int8 -t vector-embedder:int8 .   (int8 weights, made with NNCF)
 #   docker run -p 5001:5001 -e VECTOR_EMBEDDER_API_KEY=change-me vector-embedder
 
 # The base image is an argument so a build without registry access can use a
@@ -13,6 +14,8 @@
 ARG PYTHON_IMAGE=python:3.11-slim
 # auto: serve the OpenVINO export (the image carries no torch); torch: serve with PyTorch.
 ARG ENGINE=auto
+# auto: the fastest precision that passes the self-check; f32; int8: int8 weights, quantized at build time.
+ARG ENGINE_PRECISION=auto
 
 FROM ${PYTHON_IMAGE} AS builder
 # The PyTorch index with CPU-only wheels: the image never carries CUDA libraries.
@@ -39,14 +42,17 @@ ARG EMBEDDING_MODEL=multi-qa-MiniLM-L6-cos-v1
 # hadolint ignore=DL3064
 ARG TOKENIZER_MODEL=sentence-transformers/multi-qa-MiniLM-L6-cos-v1
 ARG ENGINE
+ARG ENGINE_PRECISION
 # hadolint ignore=DL3064
 ENV MODELS_DIR=/models \
     EMBEDDING_MODEL=${EMBEDDING_MODEL} \
     TOKENIZER_MODEL=${TOKENIZER_MODEL} \
-    ENGINE=${ENGINE}
+    ENGINE=${ENGINE} \
+    ENGINE_PRECISION=${ENGINE_PRECISION}
 WORKDIR /build
 COPY config.py errors.py model_locator.py text_tokenizer.py embeddings.py image_embeddings.py manifest.py \
-     self_check.py model_loading.py openvino_engine.py torch_engine.py model_export.py download_models.py ./
+     self_check.py model_loading.py openvino_engine.py torch_engine.py model_export.py quantize.py \
+     download_models.py ./
 # Bake the model, export it for OpenVINO and prove the export against torch (not for ENGINE=torch);
 # the runtime stage gets only what its engine serves: the export, or the sentence-transformers folder.
 RUN python download_models.py \
@@ -72,6 +78,7 @@ ARG EMBEDDING_MODEL=multi-qa-MiniLM-L6-cos-v1
 # hadolint ignore=DL3064
 ARG TOKENIZER_MODEL=sentence-transformers/multi-qa-MiniLM-L6-cos-v1
 ARG ENGINE
+ARG ENGINE_PRECISION
 # hadolint ignore=DL3064
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -82,6 +89,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     EMBEDDING_MODEL=${EMBEDDING_MODEL} \
     TOKENIZER_MODEL=${TOKENIZER_MODEL} \
     ENGINE=${ENGINE} \
+    ENGINE_PRECISION=${ENGINE_PRECISION} \
     PORT=5001
 COPY --from=serve-venv /opt/venv /opt/venv
 COPY --from=models /serve-models /models

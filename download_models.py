@@ -211,7 +211,7 @@ def export_baked_model(settings: Settings, name: str) -> Path:
             from model_export import export_model  # torch and the exporter load only when there is work
 
             export_model(settings, source, staging)
-            _report_check(load_exported_models(replace(settings, embedding_model=str(staging))))
+            _report_check(load_exported_models(_serving(settings, staging)))
     except Exception as error:
         raise BakeError(f"model {name!r} cannot be served by {EXPORT_ENGINE} ({type(error).__name__}: {error}). "
                         f"Serve it with PyTorch instead: build with --build-arg ENGINE=torch, or run with "
@@ -229,12 +229,38 @@ def _export_is_current(settings: Settings, source: Path, target: Path) -> bool:
             print(f"{settings.embedding_model}: the model changed since {target} was exported "
                   f"({what_changed(manifest.source_files, baked_files)}); exporting again")
             return False
-        _report_check(load_exported_models(replace(settings, embedding_model=str(target))))
+        _report_check(load_exported_models(_serving(settings, target)))
     except Exception as error:  # a stale or broken export is made again, never trusted
         print(f"{settings.embedding_model}: the export in {target} cannot be used ({error}); exporting again")
         return False
     print(f"{settings.embedding_model}: already exported in {target}")
     return True
+
+
+def _serving(settings: Settings, folder: Path) -> Settings:
+    """Settings that serve the export in `folder` as it is proven: at int8 only once it has its int8 model."""
+    precision = "auto" if settings.engine_precision == "int8" else settings.engine_precision
+    return replace(settings, embedding_model=str(folder), engine_precision=precision)
+
+
+def add_int8_model(settings: Settings, name: str, folder: Path) -> None:
+    """Quantize the export's text tower to int8 weights (ENGINE_PRECISION=int8) unless it has them already.
+
+    A failure fails the build with the model's name and the reason; the f32 export stays as it was.
+    """
+    if Manifest.read(folder).int8_text_model is not None:
+        print(f"{name}: the export already has its int8 model")
+        return
+    print(f"{name}: quantizing the text tower to int8 weights with NNCF")
+    try:
+        from quantize import add_int8_text_model  # NNCF loads only when there is work
+
+        seconds = add_int8_text_model(folder)
+    except Exception as error:
+        raise BakeError(f"model {name!r} could not be quantized to int8 ({type(error).__name__}: {error}); its f32 "
+                        f"export in {folder} is kept: serve it with ENGINE_PRECISION=auto") from error
+    print(f"  quantized in {seconds:.1f} s")
+    _report_check(load_exported_models(replace(settings, embedding_model=str(folder))))
 
 
 def _forget_a_stale_bake(name: str, baked: Path) -> None:
@@ -263,7 +289,8 @@ def _report_check(models: LoadedModels) -> None:
 
 
 def prepare_models(settings: Settings, allow_download: bool) -> None:
-    """Bake the configured model (and tokenizer), then export it unless the torch engine serves it.
+    """Bake the configured model (and tokenizer), then export it unless the torch engine serves it; with
+    ENGINE_PRECISION=int8, add the int8 model to the export.
 
     An export made from the baked files that passes its self-check here proves them both, so
     then nothing more is done and torch is not even imported: `make run` starts in seconds, and
@@ -275,13 +302,18 @@ def prepare_models(settings: Settings, allow_download: bool) -> None:
     _forget_a_stale_bake(name, baked)
     if settings.engine != "torch" and _is_baked(baked) and (exported / MANIFEST_FILE).is_file():
         if _export_is_current(settings, baked, exported):
-            return
+            return _finish_export(settings, name, exported)
         shutil.rmtree(exported)  # stale: exported again below, without checking it a second time
     model = bake_model(settings, settings.embedding_model, allow_download)
     if settings.tokenizer_model:
         bake_tokenizer(settings, settings.tokenizer_model, allow_download, model)
     if settings.engine != "torch":
-        export_baked_model(settings, settings.embedding_model)
+        _finish_export(settings, name, export_baked_model(settings, settings.embedding_model))
+
+
+def _finish_export(settings: Settings, name: str, exported: Path) -> None:
+    if settings.engine_precision == "int8":
+        add_int8_model(settings, name, exported)
 
 
 def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:

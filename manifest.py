@@ -108,11 +108,18 @@ class Manifest:
     text_model: str  # the engine's model file for texts
     image_model: str | None = None
     image_preprocessing: dict[str, Any] | None = None
+    int8_text_model: str | None = None  # the text tower with int8 weights, when one was made (quantize.py)
+    int8_recipe: str | None = None
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # file -> size and sha256
     exported_with: dict[str, str] = field(default_factory=dict)  # library versions
     probe_texts: list[ProbeText] = field(default_factory=list)
     probe_images: list[ProbeImage] = field(default_factory=list)
     format: int = FORMAT_VERSION
+
+    def record_files(self, folder: Path) -> None:
+        """The size and SHA-256 of every file of the export folder, this manifest aside."""
+        self.files = {path.relative_to(folder).as_posix(): file_facts(path) for path in sorted(folder.rglob("*"))
+                      if path.is_file() and path.name != MANIFEST_FILE}
 
     def write(self, folder: Path) -> None:
         (folder / MANIFEST_FILE).write_text(json.dumps(asdict(self), indent=1, ensure_ascii=False))

@@ -45,8 +45,8 @@ from transformers import PreTrainedModel
 
 import torch_engine
 from config import Settings
-from manifest import (PROBE_IMAGE_FOLDER, PROBE_TEXTS, PROMPTED_PROBES, Manifest, ProbeImage, ProbeText, file_facts,
-                      fingerprint, probe_images, read_source_record, source_files, write_source_record)
+from manifest import (PROBE_IMAGE_FOLDER, PROBE_TEXTS, PROMPTED_PROBES, Manifest, ProbeImage, ProbeText, fingerprint,
+                      probe_images, read_source_record, source_files, write_source_record)
 from model_loading import EXPORT_ENGINE, load_torch_models
 
 TEXT_MODEL_FILE = "text.xml"
@@ -132,8 +132,7 @@ def export_model(settings: Settings, source: Path, target: Path) -> Manifest:
         probe_texts=_probe_texts(model, reference, transformers_tokenizer),
         probe_images=_probe_images(model, target) if reference.images is not None else [],
     )
-    manifest.files = {path.relative_to(target).as_posix(): file_facts(path)
-                      for path in sorted(target.rglob("*")) if path.is_file()}
+    manifest.record_files(target)
     manifest.write(target)
     return manifest
 

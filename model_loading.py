@@ -22,7 +22,7 @@ from embeddings import Prompts, TextEmbedder, TextModelShape
 from image_embeddings import ImageEmbedder, ImagePreprocessing
 from manifest import MANIFEST_FILE, Manifest
 from model_locator import hub_id, locate_export
-from self_check import self_check
+from self_check import TEXT_BOUNDS, self_check
 from text_tokenizer import TextTokenizer
 
 logger = logging.getLogger(__name__)
@@ -84,17 +84,22 @@ def load_exported_models(settings: Settings) -> LoadedModels:
     manifest = Manifest.read(folder)
     manifest.check_files(folder)
     _check_tokenizer_setting(settings, manifest)
+    if settings.engine_precision == "int8" and manifest.int8_text_model is None:
+        raise SelfCheckError(f"ENGINE_PRECISION is int8 but the export of {manifest.source_model!r} has no int8 "
+                             f"model: make one with `ENGINE_PRECISION=int8 make run` (or `ENGINE_PRECISION=int8 "
+                             f"python download_models.py`), or build the image with --build-arg ENGINE_PRECISION=int8")
     rejected = []
     for precision in precisions_to_try(settings.engine_precision):
         models = open_export(folder, manifest, precision, settings)
         started = time.monotonic()
-        result = self_check(models.text, models.images, manifest, folder)
+        result = self_check(models.text, models.images, manifest, folder,
+                            TEXT_BOUNDS.get(models.precision, TEXT_BOUNDS["f32"]))
         if result.passed:
             logger.info("Self-check passed on %s %s in %.2f s: %s", models.engine, models.precision,
                         time.monotonic() - started, result.summary)
             if rejected:
-                logger.warning("Serving %s: the faster precision failed the self-check (%s). Full precision is "
-                               "%s slower on CPUs with bf16; ENGINE_PRECISION=f32 skips the faster one at start-up",
+                logger.warning("Serving %s: a faster precision failed the self-check (%s). f32 is %s slower than "
+                               "bf16 on CPUs with bf16; ENGINE_PRECISION=f32 skips the faster ones at start-up",
                                models.precision, " / ".join(rejected), F32_SLOWDOWN)
             return LoadedModels(models.text, models.images, models.engine, models.precision, result.summary)
         logger.warning("Self-check failed on %s %s: %s", models.engine, models.precision, result.summary)
@@ -107,7 +112,8 @@ def load_exported_models(settings: Settings) -> LoadedModels:
 
 
 def precisions_to_try(setting: str) -> list[str]:
-    return ["f32"] if setting == "f32" else ["auto", "f32"]
+    """The precisions to compile and check, in order: the one asked for, then the next ones down to f32."""
+    return {"f32": ["f32"], "int8": ["int8", "auto", "f32"]}.get(setting, ["auto", "f32"])
 
 
 def open_export(folder: Path, manifest: Manifest, precision: str, settings: Settings) -> LoadedModels:
@@ -115,7 +121,8 @@ def open_export(folder: Path, manifest: Manifest, precision: str, settings: Sett
     from openvino_engine import OpenVINOEngine
 
     image_model = folder / manifest.image_model if manifest.image_model else None
-    engine = OpenVINOEngine(folder / manifest.text_model, image_model, precision, settings.engine_threads)
+    text_model = folder / (manifest.int8_text_model if precision == "int8" else manifest.text_model)
+    engine = OpenVINOEngine(text_model, image_model, precision, settings.engine_threads)
     tokenizer = TextTokenizer.from_file(folder / manifest.tokenizer["file"], manifest.tokenizer["pad_id"])
     shape = TextModelShape(manifest.dimension, manifest.max_seq_length, manifest.normalize,
                            Prompts(manifest.prompts, manifest.default_prompt_name), manifest.pooling)

@@ -16,8 +16,9 @@ import openvino as ov
 
 NAME = "openvino"
 # "auto" lets OpenVINO pick the fastest precision the CPU supports (bf16 where it has
-# AVX-512 BF16 or AMX, f32 elsewhere); "f32" forces full precision.
-PRECISION_HINTS = {"auto": None, "f32": "f32"}
+# AVX-512 BF16 or AMX, f32 elsewhere); "f32" forces full precision. "int8" is the model with int8
+# weights (quantize.py), computed at what "auto" picks.
+PRECISION_HINTS = {"auto": None, "f32": "f32", "int8": None}
 
 
 class OpenVINOEngine:
@@ -43,7 +44,8 @@ class OpenVINOEngine:
         self._image_request = None
         if image_model is not None:
             self._image_request = core.compile_model(str(image_model), "CPU", config).create_infer_request()
-        self.precision = self._text.get_property("INFERENCE_PRECISION_HINT").to_string()
+        computed_in = self._text.get_property("INFERENCE_PRECISION_HINT").to_string()
+        self.precision = "int8" if precision == "int8" else computed_in
 
     def encode_text(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}

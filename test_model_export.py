@@ -11,16 +11,18 @@ import re
 import shutil
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import requests
 
 import download_models
 import model_loading
+import quantize
 from main import create_app
 from manifest import PROBE_TEXTS, Manifest, ManifestError, file_facts
 from model_loading import SelfCheckError, load_exported_models
 from model_locator import exported_model_dir
-from self_check import TEXT_MIN_COSINE
+from self_check import INT8_TEXT_MIN_COSINE, TEXT_BOUNDS, TEXT_MIN_COSINE, Bounds, cosine_rows
 from testkit import MODEL, expected_precision, start_live_server, wait_for_loading
 
 
@@ -203,3 +205,55 @@ def test_an_export_that_fails_ends_the_build_with_how_to_use_torch(tmp_path, mon
     assert f"model {MODEL!r} cannot be served by openvino" in error and "unsupported operation" in error
     assert "--build-arg ENGINE=torch" in error and "ENGINE=torch" in error
     assert not exported_model_dir(tmp_path, MODEL, "openvino").exists()
+
+
+# --- int8 (ENGINE_PRECISION=int8) -------------------------------------------------------------
+
+def test_int8_weights_serve_within_their_own_bound_beside_the_f32_model(export_copy):
+    folder, settings = export_copy
+    int8 = replace(settings, engine_precision="int8")
+    download_models.add_int8_model(int8, MODEL, folder)
+    manifest = Manifest.read(folder)
+    assert (manifest.int8_text_model, "text-int8.bin" in manifest.files) == ("text-int8.xml", True)
+    assert manifest.text_model == "text.xml" and "text.bin" in manifest.files  # the f32 model stays
+    assert (folder / "text-int8.bin").stat().st_size < (folder / "text.bin").stat().st_size / 3
+    models, full = load_exported_models(int8), load_exported_models(replace(settings, engine_precision="f32"))
+    assert models.precision == "int8"
+    assert INT8_TEXT_MIN_COSINE <= float(re.search(r"min cosine ([0-9.]+)", models.self_check)[1]) < 0.9999
+    texts = list(PROBE_TEXTS.values())
+    assert cosine_rows(np.array(models.text.embed(texts)), np.array(full.text.embed(texts))).min() >= \
+        INT8_TEXT_MIN_COSINE
+    status, body = readiness_of(int8)
+    assert (status, body["precision"]) == (200, "int8")
+
+
+def test_int8_asked_of_an_export_without_it_says_how_to_make_it(export_copy):
+    status, body = readiness_of(replace(export_copy[1], engine_precision="int8"))
+    assert status == 503 and "has no int8 model" in body["reason"]
+    assert "ENGINE_PRECISION=int8 make run" in body["reason"] and "--build-arg ENGINE_PRECISION=int8" in body["reason"]
+
+
+def test_int8_below_its_bound_falls_back_to_the_next_precision_and_says_why(export_copy, monkeypatch, caplog):
+    folder, settings = export_copy
+    int8 = replace(settings, engine_precision="int8")
+    download_models.add_int8_model(int8, MODEL, folder)
+    monkeypatch.setitem(TEXT_BOUNDS, "int8", Bounds(0.9999999, 1e-2))  # a bound int8 weights cannot meet
+    with caplog.at_level(logging.WARNING, logger="model_loading"):
+        models = load_exported_models(int8)
+    assert models.precision == expected_precision()
+    assert "Self-check failed on openvino int8" in caplog.text
+    assert "a faster precision failed the self-check (int8: text probe" in caplog.text
+
+
+def test_a_quantization_that_fails_fails_the_build_and_keeps_the_f32_export(export_copy, monkeypatch, capsys):
+    folder, settings = export_copy
+
+    def broken(export_folder):
+        raise RuntimeError("NNCF ran out of luck")
+
+    monkeypatch.setattr(quantize, "add_int8_text_model", broken)
+    with pytest.raises(download_models.BakeError) as failed:
+        download_models.add_int8_model(replace(settings, engine_precision="int8"), MODEL, folder)
+    assert f"model {MODEL!r} could not be quantized to int8" in str(failed.value)
+    assert "NNCF ran out of luck" in str(failed.value) and "f32 export" in str(failed.value)
+    assert load_exported_models(settings).precision == expected_precision()
