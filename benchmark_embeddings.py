@@ -44,6 +44,12 @@ LONE_QUERY_ROUNDS = 100
 CPU_FLAGS = ("avx2", "avx512_vnni", "avx512_bf16", "amx_bf16")
 FIDELITY_CORPUS = 1000
 FIDELITY_QUERIES = 1000
+# Real text for the precision comparison: Debian's `fortunes` package (apt-get install fortunes).
+FORTUNE_FOLDER = Path("/usr/share/games/fortunes")
+FORTUNE_PASSAGE_TOKENS = 100
+TOP_K = 10
+# The workload of the precision table: one document's worth of full windows, as the issue measured.
+PRECISION_WINDOWS, PRECISION_WINDOW_TOKENS = 4, 256
 # The servers each comparison starts: name -> environment. "torch" is today's torch build with its
 # defaults (two workers of one thread on 2 cores); "openvino" the default build.
 COMPARISONS = {
@@ -241,6 +247,90 @@ def fidelity(settings) -> dict:
             result.update(corpus_min_cosine=float(cosines.min()), corpus_median_cosine=float(np.median(cosines)),
                           nearest_neighbour_agreement=result["agreement_by_precision"][models.precision])
     return result
+
+
+# --- precisions: f32, the CPU's fastest, int8 ------------------------------------------------
+
+def fortune_corpus(tokenizer, count: int = FIDELITY_CORPUS, seed: int = 0) -> tuple[list[str], list[str]] | None:
+    """Debian's fortunes: `count` passages of consecutive fortunes of one file (FORTUNE_PASSAGE_TOKENS tokens
+    or more each), searched by `count` other single fortunes; None when the package is not installed."""
+    files = sorted(path for path in FORTUNE_FOLDER.glob("*") if path.is_file() and not path.is_symlink()
+                   and path.suffix not in (".dat", ".u8")) if FORTUNE_FOLDER.is_dir() else []
+    if not files:
+        return None
+    entries = [[" ".join(entry.split()) for entry in path.read_text(errors="replace").split("\n%\n")
+                if len(entry.split()) >= 4] for path in files]
+    rng = np.random.default_rng(seed)
+    flat = [(file, index) for file, texts in enumerate(entries) for index in range(len(texts))]
+    query_keys = {flat[i] for i in rng.choice(len(flat), count, replace=False)}
+    passages = []
+    for file, texts in enumerate(entries):
+        kept = [text for index, text in enumerate(texts) if (file, index) not in query_keys]
+        current, tokens = [], 0
+        for text, ids in zip(kept, tokenizer.token_ids(kept)):
+            current.append(text)
+            tokens += len(ids)
+            if tokens >= FORTUNE_PASSAGE_TOKENS:
+                passages.append(" ".join(current))
+                current, tokens = [], 0
+    chosen = sorted(rng.choice(len(passages), count, replace=False))
+    return [passages[i] for i in chosen], [entries[file][index] for file, index in sorted(query_keys)]
+
+
+def retrieval_agreement(reference: tuple[np.ndarray, np.ndarray], candidate: tuple[np.ndarray, np.ndarray]) -> dict:
+    """How far a precision's vectors and rankings stay from f32's on one corpus (documents, queries)."""
+    from self_check import cosine_rows
+    (ref_documents, ref_queries), (documents, queries) = reference, candidate
+    cosines = np.concatenate([cosine_rows(documents, ref_documents), cosine_rows(queries, ref_queries)])
+    ref_top = np.argsort(-(ref_queries @ ref_documents.T), axis=1)[:, :TOP_K]
+    top = np.argsort(-(queries @ documents.T), axis=1)[:, :TOP_K]
+    return {"min_cosine": float(cosines.min()), "median_cosine": float(np.median(cosines)),
+            "nearest_neighbour_agreement": float(np.mean(ref_top[:, 0] == top[:, 0])),
+            "top10_overlap": float(np.mean([len(set(a) & set(b)) / TOP_K for a, b in zip(ref_top, top)]))}
+
+
+def precision_speed(settings, precision: str, threads: int, runs: int) -> float:
+    """Tokens per second of PRECISION_WINDOWS full windows at one precision (run in a process of its own)."""
+    from model_loading import load_exported_models
+    text = load_exported_models(replace(settings, engine_precision=precision, engine_threads=threads)).text
+    windows = [[text.tokenizer.token_ids(["river"])[0][0]] * (PRECISION_WINDOW_TOKENS - 2)] * PRECISION_WINDOWS
+    timings = time_runs(lambda: text.encode_windows(windows), runs)
+    return PRECISION_WINDOWS * PRECISION_WINDOW_TOKENS / float(np.median(timings))
+
+
+def precisions(settings, runs: int, rounds: int) -> dict:
+    """f32, the CPU's fastest precision and int8 against each other: fidelity against f32 on the generated
+    corpus and on Debian's fortunes, and tokens/s at one thread and on every core, in rounds taking turns."""
+    from multiprocessing import get_context
+
+    from config import available_cpus
+    from model_loading import load_exported_models
+    models = {precision: load_exported_models(replace(settings, engine_precision=precision))
+              for precision in ("f32", "auto", "int8")}
+    names = {precision: loaded.precision for precision, loaded in models.items()}
+    corpora = {"generated": (generated_texts(FIDELITY_CORPUS, seed=1), generated_texts(FIDELITY_QUERIES, seed=2)),
+               "fortunes": fortune_corpus(models["f32"].text.tokenizer)}
+    fidelity_rows: dict[str, dict] = {}
+    for corpus, texts in corpora.items():
+        if texts is None:
+            fidelity_rows[corpus] = {"missing": f"apt-get install fortunes (nothing in {FORTUNE_FOLDER})"}
+            continue
+        encoded = {precision: tuple(unit_rows(np.stack(loaded.text.embed(part))) for part in texts)
+                   for precision, loaded in models.items() if precision == "f32" or names[precision] != "f32"}
+        fidelity_rows[corpus] = {names[precision]: retrieval_agreement(encoded["f32"], vectors)
+                                 for precision, vectors in encoded.items() if precision != "f32"}
+    speeds: dict[str, dict[int, list[float]]] = {}
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
+        for _ in range(rounds):
+            for threads in sorted({1, available_cpus()}):
+                for precision in dict.fromkeys(["f32", "auto", "int8"]):
+                    if precision == "auto" and names["auto"] == "f32":
+                        continue
+                    speed = pool.submit(precision_speed, settings, precision, threads, runs).result()
+                    speeds.setdefault(names[precision], {}).setdefault(threads, []).append(speed)
+    return {"fidelity_against_f32": fidelity_rows,
+            "tokens_per_s": {name: {threads: float(np.median(values)) for threads, values in by_threads.items()}
+                             for name, by_threads in speeds.items()}}
 
 
 def unit_rows(vectors: np.ndarray) -> np.ndarray:
@@ -528,6 +618,7 @@ def targets(report: dict) -> list[dict]:
           engine_rows[-1]["tokens_per_s"] if has_bf16 else None, 7000.0)
     fidelity = report["fidelity"]
     check("probe set: min cosine against torch fp32", fidelity["probe_min_cosine"], 0.9999)
+    checks_int8(report["precisions"], check)
     check(f"{fidelity['corpus']} generated texts: nearest neighbour equals torch's (share of "
           f"{fidelity['queries']} queries)", fidelity["nearest_neighbour_agreement"], 0.995)
     if set(modes) != {"torch", "openvino"}:
@@ -548,6 +639,22 @@ def targets(report: dict) -> list[dict]:
     check("ready (from process start): openvino / torch", engine_http["ready_seconds"] / torch_http["ready_seconds"],
           0.3, higher_is_better=False)
     return checks
+
+
+def checks_int8(precisions: dict, check) -> None:
+    """int8 weights (issue 16): as fast as asked against f32 and bf16, and keeping retrieval, on every corpus."""
+    speed = precisions["tokens_per_s"]
+    if "int8" not in speed:
+        return
+    for baseline, bound in (("f32", 2.5), ("bf16", 1.4)):
+        ratio = speed["int8"][1] / speed[baseline][1] if baseline in speed else None
+        check(f"in-process, 1 thread, {PRECISION_WINDOWS}x{PRECISION_WINDOW_TOKENS} tokens: int8 / {baseline} "
+              f"tokens/s{'' if ratio is not None else ' (CPU without bf16)'}", ratio, bound)
+    for corpus, rows in precisions["fidelity_against_f32"].items():
+        if "int8" in rows:
+            check(f"{corpus}: int8 min cosine against f32", rows["int8"]["min_cosine"], 0.995)
+            check(f"{corpus}: int8 nearest neighbour equals f32's", rows["int8"]["nearest_neighbour_agreement"], 0.97)
+            check(f"{corpus}: int8 top-10 overlap with f32's", rows["int8"]["top10_overlap"], 0.97)
 
 
 def checks_before_and_now(modes: dict, check) -> None:
@@ -582,6 +689,22 @@ def print_in_process(report: dict) -> None:
                       for precision, share in fidelity["agreement_by_precision"].items()))
 
 
+def print_precisions(report: dict) -> None:
+    result = report["precisions"]
+    print(f"\nPrecisions against f32, in-process ({PRECISION_WINDOWS} windows of {PRECISION_WINDOW_TOKENS} tokens)")
+    for corpus, rows in result["fidelity_against_f32"].items():
+        if "missing" in rows:
+            print(f"  {corpus}: skipped, {rows['missing']}")
+        for name, row in rows.items() if "missing" not in rows else []:
+            print(f"  {corpus:<9} {name:<5} min cosine {row['min_cosine']:.5f}, median {row['median_cosine']:.6f}, "
+                  f"nearest neighbour equal {100 * row['nearest_neighbour_agreement']:.1f}%, top-10 overlap "
+                  f"{100 * row['top10_overlap']:.1f}%")
+    for name, by_threads in result["tokens_per_s"].items():
+        speeds = [f"{speed:.0f} on {threads} thread{'s' if threads > 1 else ''}"
+                  for threads, speed in sorted(by_threads.items())]
+        print(f"  {name:<5} tokens/s: " + ", ".join(speeds))
+
+
 def print_report(report: dict) -> None:
     info = report["machine"]
     print(f"Machine: {info['cpu']}, {info['cpus']} CPUs; flags: {flags_text(info['flags'])}")
@@ -590,6 +713,7 @@ def print_report(report: dict) -> None:
           f"model {report['model']}")
     if "in_process" in report:
         print_in_process(report)
+        print_precisions(report)
     lone = report["http"]["lone_query_p50_ms"]
     print("\nOne short query alone over HTTP, p50 over " + str(LONE_QUERY_ROUNDS) + " rounds taking turns: "
           + ", ".join(f"{mode} {ms:.1f} ms" for mode, ms in lone.items()))
@@ -673,8 +797,10 @@ def main() -> int:
     report = {"model": settings.embedding_model, "machine": machine_info(),
               "settings": {key: value for key, value in asdict(settings).items() if key != "api_keys"}}
     if not args.http_only:
+        prepare_models(replace(settings, engine="auto", engine_precision="int8"), allow_download=False)
         report["in_process"] = in_process(settings, args.runs, args.rounds)
         report["fidelity"] = fidelity(settings)
+        report["precisions"] = precisions(settings, args.runs, args.rounds)
     from model_loading import load_exported_models
     embedder = load_exported_models(settings).text
     report["http"] = http_runs(embedder, args.url, args.compare, args.duration, args.max_requests, extra_env,
