@@ -148,6 +148,22 @@ def validate_text_list(value: Any, where: str) -> list[str]:
     return [validate_text(item, f"{where}[{index}]") for index, item in enumerate(texts)]
 
 
+def is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate_token_ids(value: list[Any], where: str) -> list[int]:
+    """A non-empty list of ids of the served model's own tokenizer (texts given as the model reads them)."""
+    if not value:
+        raise ApiError(400, f"{where} is an empty array of token ids: send at least one token")
+    vocabulary_size = embedding_service().vocabulary_size()
+    for index, token in enumerate(value):
+        if not is_token_id(token) or not 0 <= token < vocabulary_size:
+            raise ApiError(400, f"{where}[{index}] is {token!r}, which is not a token id of this model's "
+                                f"tokenizer (whole numbers from 0 to {vocabulary_size - 1})")
+    return value
+
+
 def validate_prompt_name(value: Any) -> str | None:
     """None (the model's default prompt, if it has one) or the name of one of its prompts (checked when used)."""
     if value is None or isinstance(value, str):

@@ -16,10 +16,10 @@ import numpy as np
 from flask import Blueprint, Response, jsonify
 
 from errors import ApiError
-from http_common import (check_image_count, check_text_count, embed_images, embed_texts, embed_token_ids,
+from http_common import (check_image_count, check_text_count, embed_images, embed_texts, embed_token_ids, is_token_id,
                          embedding_service, error_answer, json_type, read_json_object, require_api_key,
                          require_field, require_image_support, settings, validate_image_string,
-                         validate_prompt_name, validate_text)
+                         validate_prompt_name, validate_text, validate_token_ids)
 from model_locator import hub_id, served_model_id
 
 # Routes under this prefix speak the OpenAI API, errors included.
@@ -99,10 +99,6 @@ def validate_dimensions(value: Any) -> int | None:
     return value
 
 
-def is_token_id(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 @dataclass(frozen=True)
 class Input:
     """`input`'s items by their index in it: texts or token id lists, and images (CLIP models)."""
@@ -152,17 +148,6 @@ def validate_strings(items: list[str], single: bool) -> Input:
     texts = {index: validate_text(item, item_place(index, single)) for index, item in enumerate(items)
              if index not in images}
     return Input(texts=texts, images=images, single=single)
-
-
-def validate_token_ids(value: list[Any], where: str) -> list[int]:
-    if not value:
-        raise ApiError(400, f"{where} is an empty array of token ids: send at least one token")
-    vocabulary_size = embedding_service().vocabulary_size()
-    for index, token in enumerate(value):
-        if not is_token_id(token) or not 0 <= token < vocabulary_size:
-            raise ApiError(400, f"{where}[{index}] is {token!r}, which is not a token id of this model's "
-                                f"tokenizer (whole numbers from 0 to {vocabulary_size - 1})")
-    return value
 
 
 def is_image_data_uri(item: Any) -> bool:

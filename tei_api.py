@@ -23,8 +23,9 @@ from flask import Blueprint, Response, jsonify
 
 from embeddings import TRUNCATE_LEFT, TRUNCATE_RIGHT
 from errors import ApiError
-from http_common import (embed_texts, embed_token_ids, embedding_service, error_answer, json_type, read_json_object,
-                         require_api_key, settings, validate_prompt_name, validate_text)
+from http_common import (embed_texts, embed_token_ids, embedding_service, error_answer, is_token_id, json_type,
+                         read_json_object, require_api_key, settings, validate_prompt_name, validate_text,
+                         validate_token_ids)
 from model_locator import served_model_id
 
 tei_api = Blueprint("tei", __name__)
@@ -127,7 +128,7 @@ def validate_inputs(value: Any) -> tuple[dict[int, str], dict[int, list[int]], b
     if not value:
         raise empty_inputs("inputs")
     if all(is_token_id(item) for item in value):
-        return {}, {0: validate_token_ids(value, "inputs")}, True
+        return {}, {0: validate_ids(value, "inputs")}, True
     limit = settings().max_texts_per_batch
     if len(value) > limit:
         raise ApiError(422, f"batch size {len(value)} > maximum allowed batch size {limit} (MAX_TEXTS_PER_BATCH)")
@@ -137,7 +138,7 @@ def validate_inputs(value: Any) -> tuple[dict[int, str], dict[int, list[int]], b
         if isinstance(item, str):
             texts[index] = validate_one_text(item, where)
         elif isinstance(item, list):
-            token_ids[index] = validate_token_ids(item, where)
+            token_ids[index] = validate_ids(item, where)
         else:
             raise ApiError(422, f"{where} must be a string or a list of token ids, got {json_type(item)}")
     return texts, token_ids, False
@@ -149,24 +150,15 @@ def validate_one_text(value: str, where: str) -> str:
     return validate_text(value, where)
 
 
-def validate_token_ids(value: list[Any], where: str) -> list[int]:
+def validate_ids(value: list[Any], where: str) -> list[int]:
     if not value:
         raise empty_inputs(where)
-    vocabulary_size = embedding_service().vocabulary_size()
-    for index, token in enumerate(value):
-        if not is_token_id(token) or not 0 <= token < vocabulary_size:
-            raise ApiError(422, f"{where}[{index}] is {token!r}, which is not a token id of this model's "
-                                f"tokenizer (whole numbers from 0 to {vocabulary_size - 1})")
-    return value
+    return validate_token_ids(value, where)
 
 
 def empty_inputs(where: str) -> ApiError:
     return ApiError(400, f"Input validation error: `inputs` cannot be empty ({where} holds no text or tokens)",
                     code=EMPTY_INPUT)
-
-
-def is_token_id(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def validate_flag(body: dict[str, Any], name: str, default: bool, nullable: bool = False) -> bool:

@@ -152,6 +152,16 @@ def test_retry_after_is_the_time_the_queued_work_takes_at_the_measured_throughpu
     assert throughput.seconds_for(10_000) == 3
 
 
+def queued_behind_a_held_request(batcher: Batcher, encoder: GatedEncoder, windows, count: int) -> list:
+    """The vectors of `count` requests that queue while a first one is held in the model, and of that first one."""
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(batcher.encode, windows)
+        assert encoder.entered.wait(PATIENCE)
+        behind = [batcher.submit(windows) for _ in range(count)]
+        encoder.gate.set()
+        return [first.result(PATIENCE)] + [batcher.wait_for(job) for job in behind]
+
+
 def test_a_free_model_thread_takes_what_waits_and_never_waits_for_company(text_embedder):
     encoder = GatedEncoder(text_embedder)
     windows = windows_of(text_embedder, "company")
@@ -159,15 +169,10 @@ def test_a_free_model_thread_takes_what_waits_and_never_waits_for_company(text_e
     batches: list[int] = []
     batcher = new_batcher(encoder, text_embedder, lambda stats: batches.append(stats.jobs),
                           max_tokens=3 * per_request)
-    with ThreadPoolExecutor(1) as pool, running(batcher, encoder.gate):
+    with running(batcher, encoder.gate):
         # While the model works on a first request, four more queue: the next batch takes what fits the budget.
-        first = pool.submit(batcher.encode, windows)
-        assert encoder.entered.wait(PATIENCE)
-        behind = [batcher.submit(windows) for _ in range(4)]
-        encoder.gate.set()
-        first.result(PATIENCE)
-        for job in behind:
-            assert_vector_of(text_embedder, "company", batcher.wait_for(job)[0])
+        for vectors in queued_behind_a_held_request(batcher, encoder, windows, 4):
+            assert_vector_of(text_embedder, "company", vectors[0])
         # A lone request after concurrent traffic is taken at once, alone: nothing waits for company.
         assert_vector_of(text_embedder, "company", batcher.encode(windows)[0])
     assert batches == [1, 3, 1, 1]
@@ -175,17 +180,10 @@ def test_a_free_model_thread_takes_what_waits_and_never_waits_for_company(text_e
 
 def test_batching_off_takes_one_request_at_a_time(text_embedder):
     encoder = GatedEncoder(text_embedder)
-    windows = windows_of(text_embedder, "alone")
     batches: list[int] = []
     batcher = new_batcher(encoder, text_embedder, lambda stats: batches.append(stats.jobs), batching=False)
-    with ThreadPoolExecutor(1) as pool, running(batcher, encoder.gate):
-        first = pool.submit(batcher.encode, windows)
-        assert encoder.entered.wait(PATIENCE)
-        behind = [batcher.submit(windows) for _ in range(3)]
-        encoder.gate.set()
-        first.result(PATIENCE)
-        for job in behind:
-            batcher.wait_for(job)
+    with running(batcher, encoder.gate):
+        queued_behind_a_held_request(batcher, encoder, windows_of(text_embedder, "alone"), 3)
     assert batches == [1, 1, 1, 1]
 
 
