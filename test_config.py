@@ -78,7 +78,7 @@ def test_smaller_token_limits_fit_together():
 
 @pytest.mark.parametrize("name, value", [
     ("PORT", "http"), ("PORT", "70000"), ("VECTOR_EMBEDDER_API_KEY", " , "), ("ALLOW_MODEL_DOWNLOAD", "maybe"),
-    ("ENGINE", "onnxruntime"), ("ENGINE_PRECISION", "int8"), ("ENGINE_THREADS", "0"),
+    ("ENGINE", "onnxruntime"), ("ENGINE_PRECISION", "int4"), ("ENGINE_THREADS", "0"),
     ("MAX_BATCH_SIZE", "0"), ("MAX_TEXTS_PER_BATCH", "-5"), ("MAX_TEXTS_PER_BATCH", "lots"),
     ("MAX_TEXT_LENGTH", "ten"), ("MAX_IMAGE_SIZE", "1.5"), ("MAX_IMAGE_PIXELS", "lots"),
     ("MAX_TOKENS_PER_TEXT", "0"), ("MAX_TOKENS_PER_REQUEST", "many"), ("QUEUE_MAX_TOKENS", "0"),

@@ -125,7 +125,7 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(tiny_clip_server):
     assert "limit of 33554432 bytes (MAX_REQUEST_SIZE)" in json.loads(body)["error"]
 
 
-def test_hostile_inputs_on_a_text_only_model_get_400_for_images(server):
+def test_hostile_inputs_on_a_text_only_model_get_501_for_images(server):
     response = requests.post(server.url + "/embeddings/image", json={"image": b64(PNG)},
                              headers=AUTH, timeout=30)
-    assert response.status_code == 400 and "CLIP" in response.json()["error"]
+    assert response.status_code == 501 and "CLIP" in response.json()["error"]

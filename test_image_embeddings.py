@@ -361,13 +361,13 @@ def test_image_routes_need_the_api_key():
     assert response.status_code == 401
 
 
-def test_a_text_only_model_answers_400_naming_the_model():
+def test_a_text_only_model_answers_501_naming_the_model():
     app = app_without_model()
     image = b64(encoded(two_colour_image()))
     for path, body in [("/embeddings/image", {"image": image}), ("/embeddings/image/batch", {"images": [image]})]:
-        message = error_of(app.post(path, body), 400)
+        message = error_of(app.post(path, body), 501)
         assert "all-MiniLM-L6-v2" in message and "clip-ViT-B-32" in message and "EMBEDDING_MODEL" in message
-    assert "embeds text only" in error_of(app.post("/embeddings/image", data=upload(b"x", "a.png")), 400)
+    assert "embeds text only" in error_of(app.post("/embeddings/image", data=upload(b"x", "a.png")), 501)
 
 
 # --- errors of images that are decoded, on the tiny CLIP ------------------------------------------

@@ -112,7 +112,8 @@ def test_many_texts_of_few_tokens_are_refused_before_any_is_tokenized(server, te
     texts = ["x" * 200_000] * 6
     tokenized = []
     real_tokenize = text_embedder.tokenize
-    monkeypatch.setattr(text_embedder, "tokenize", lambda batch: tokenized.append(batch) or real_tokenize(batch))
+    monkeypatch.setattr(text_embedder, "tokenize",
+                        lambda batch, *options: tokenized.append(batch) or real_tokenize(batch, *options))
     message = error_of(post(server, "/embeddings/batch", {"texts": texts}), 413)
     assert message == ("The texts hold 1200000 characters in all; the limit per request is 1048576 (32 characters "
                        "per token of MAX_TOKENS_PER_REQUEST): send them in several requests")
@@ -201,7 +202,7 @@ def test_v1_names_a_long_text_by_its_place_among_images(tiny_clip_server, tiny_c
     assert refused.value.body["message"] == f"input[3] has {tokens} tokens; the limit is 8192 (MAX_TOKENS_PER_TEXT)"
 
 
-def test_a_text_only_model_answers_images_with_400_on_both_apis(server_with, tmp_path):
+def test_a_text_only_model_answers_images_with_501_and_400_on_v1(server_with, tmp_path):
     # Served from a folder: the message names the model as /v1/models does, never the folder's path.
     folder = tmp_path / "models on this machine" / "my-text-model"
     folder.mkdir(parents=True)
@@ -211,7 +212,7 @@ def test_a_text_only_model_answers_images_with_400_on_both_apis(server_with, tmp
                requests.post(live.url + "/embeddings/image", files={"image": ("red.png", b"not read")},
                              headers=AUTH, timeout=30)]
     for answer in answers:
-        message = error_of(answer, 400)
+        message = error_of(answer, 501)
         assert message.startswith("The model 'my-text-model' embeds text only"), message
         assert "set EMBEDDING_MODEL to a multimodal CLIP model" in message
     with pytest.raises(openai.BadRequestError) as refused:

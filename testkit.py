@@ -36,6 +36,7 @@ from PIL import Image
 from werkzeug.serving import make_server
 
 from config import Settings
+from embeddings import Prompts
 from errors import ApiError
 from main import ServiceFactory, create_app
 from model_loading import LoadedModels, load_models
@@ -478,15 +479,16 @@ class StubService:
     are read, validated and refused, and how errors are worded and wrapped in each API's envelope.
 
     Ready at once, as the bundled model is (384 components, a 30522-token vocabulary, 256-token windows); it
-    embeds images too when `images` is true. Its vectors are deterministic but mean nothing: it holds no
-    token limit, so limits counted in tokens are tested on the real model. Every call that would reach the
-    model is recorded in `model_calls`; with `refuse_model_calls` such a call also fails loudly, for requests
-    that must be refused before it. `fail_with` is raised by every model call, to inject a failure.
+    embeds images too when `images` is true, and knows one prompt, 'query'. Its vectors are deterministic but
+    mean nothing: it holds no token limit, so limits counted in tokens are tested on the real model. Every
+    call that would reach the model is recorded in `model_calls`; with `refuse_model_calls` such a call also
+    fails loudly, for requests that must be refused before it. `fail_with` is raised by every model call, to inject a failure.
     """
 
     DIMENSION = 384
     VOCABULARY_SIZE = 30522
     MAX_SEQUENCE_LENGTH = 256
+    PROMPTS = Prompts({"query": "query: "})
 
     def __init__(self, settings: Settings, hooks: ServiceHooks = ServiceHooks(), *, images: bool = False,
                  refuse_model_calls: bool = False, fail_with: Exception | None = None) -> None:
@@ -511,7 +513,7 @@ class StubService:
 
     def readiness(self) -> tuple[bool, dict]:
         return True, {"status": "ready", "model": self.settings.embedding_model, "supports_images": self.images,
-                      "engine": "stub", "precision": "f32"}
+                      "engine": "stub", "precision": self.precision()}
 
     def supports_images(self) -> bool:
         return self.images
@@ -525,12 +527,27 @@ class StubService:
     def max_sequence_length(self) -> int:
         return self.MAX_SEQUENCE_LENGTH
 
-    def embed_texts(self, texts: Sequence[str]) -> EmbeddingResult:
+    def prompts(self) -> Prompts:
+        return self.PROMPTS
+
+    def precision(self) -> str:
+        return "f32"
+
+    def normalizes(self) -> bool:
+        return True
+
+    def pooling(self) -> str:
+        return "mean"
+
+    def embed_texts(self, texts: Sequence[str], prompt_name: str | None = None,
+                    truncation: str | None = None) -> EmbeddingResult:
+        prompt = self.PROMPTS.text_of(prompt_name)  # an unknown prompt is refused as the real service does
         self._model_call("embed_texts", texts)
-        return EmbeddingResult([self._vector(text.encode()) for text in texts],
+        return EmbeddingResult([self._vector((prompt + text).encode()) for text in texts],
                                sum(len(text.split()) + 2 for text in texts))
 
-    def embed_token_ids(self, token_id_lists: Sequence[Sequence[int]]) -> EmbeddingResult:
+    def embed_token_ids(self, token_id_lists: Sequence[Sequence[int]],
+                        truncation: str | None = None) -> EmbeddingResult:
         self._model_call("embed_token_ids", token_id_lists)
         return EmbeddingResult([self._vector(repr(list(ids)).encode()) for ids in token_id_lists],
                                sum(len(ids) + 2 for ids in token_id_lists))
