@@ -482,7 +482,8 @@ class StubService:
     embeds images too when `images` is true, and knows one prompt, 'query'. Its vectors are deterministic but
     mean nothing: it holds no token limit, so limits counted in tokens are tested on the real model. Every
     call that would reach the model is recorded in `model_calls`; with `refuse_model_calls` such a call also
-    fails loudly, for requests that must be refused before it. `fail_with` is raised by every model call, to inject a failure.
+    fails loudly, for requests that must be refused before it. `fail_with` is raised by every model call, to
+    inject a failure.
     """
 
     DIMENSION = 384
