@@ -168,11 +168,11 @@ class EmbeddingService:
         self._batcher.start()
         load_seconds = time.monotonic() - started
         self.loaded_at = int(time.time())
-        self._ready.set()
-        try:
+        try:  # before readiness turns 200, so that /metrics already describes the model then
             self._hooks.on_ready(LoadReport(models.engine, models.precision, load_seconds))
         except Exception:  # metrics must never keep the model from serving
             logger.exception("The on-ready hook failed; the model serves all the same")
+        self._ready.set()
         logger.info("Model %s ready in %.2f s on %s %s with %d engine threads (dimension %d, max %d tokens "
                     "per window)", self.settings.embedding_model, load_seconds, models.engine, models.precision,
                     self.settings.engine_threads, models.text.dimension, models.text.max_seq_length)
