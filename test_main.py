@@ -265,7 +265,7 @@ def test_public_messages_keep_names_and_hide_absolute_paths(message, shown):
 def test_a_failing_on_ready_hook_is_logged_and_the_model_serves(test_settings, loaded_models):
     hooks = ServiceHooks(on_ready=lambda report: 1 / 0)  # a metrics backend that fails
     with watching_log("service") as log, running_service(test_settings, lambda _: loaded_models, hooks) as service:
-        # The hook is called once the service is ready, on the loading thread: its failure is logged after.
+        # The hook is called on the loading thread just before the service turns ready, which it does all the same.
         failure = log.wait_for(lambda record: "The on-ready hook failed" in record.getMessage())
         assert failure.levelno == logging.ERROR and failure.exc_info[0] is ZeroDivisionError
         assert service.readiness()[0]
